@@ -1,0 +1,89 @@
+"""The `gpt2cube` command line: one click group; results on stdout, logs on stderr."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import Gpt2cubeError
+from .kernels import QUANT_TYPES
+
+
+def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Map library exceptions to one clear line on stderr and the error's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Gpt2cubeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gpt2cube")
+def main() -> None:
+    """Convert GPT-2-family checkpoints to GGUF files that stock llama.cpp runs."""
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="GGUF file to write.")
+@click.option("--type", "out_type", type=click.Choice(sorted(QUANT_TYPES)), default="f16", show_default=True,
+              help="Encoding of the weight matrices; norms and biases stay f32.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+@_fail_cleanly
+def convert(src: Path, out: Path, out_type: str, force: bool, quiet: bool, as_json: bool) -> None:
+    """Convert the Hugging Face checkpoint directory SRC to a GGUF file."""
+    from .converter import convert as run_convert
+
+    result = run_convert(src, out, out_type, force=force, progress=not quiet, log=_log)
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        types = ", ".join(f"{n} {t}" for t, n in result.tensor_types.items())
+        click.echo(f"wrote {result.output} ({result.bytes / 1e6:.2f} MB, {types}) in {result.seconds:.2f} s")
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@_fail_cleanly
+def inspect(file: Path, as_json: bool) -> None:
+    """Show a GGUF file's architecture, hyper-parameters, tensors and metadata."""
+    from .converter.inspect import format_report, inspect_gguf
+
+    info = inspect_gguf(file)
+    click.echo(json.dumps(info, indent=2, default=str) if as_json else format_report(info))
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Where to keep the model and GGUF files (default: a temporary directory).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@_fail_cleanly
+def demo(workdir: Path | None, as_json: bool) -> None:
+    """The main job: convert a model to every type, run each in llama.cpp, compare with transformers."""
+    from .demo import format_table, run_demo
+
+    rows = run_demo(workdir, log=_log)
+    click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

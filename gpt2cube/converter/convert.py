@@ -1,0 +1,158 @@
+"""`convert`: HF checkpoint directory -> GGUF file, streamed tensor by tensor.
+
+The header (metadata and tensor table) is computed from shapes alone, so each tensor is read,
+transposed, encoded and written before the next one is touched: peak memory is about the
+largest tensor, not the model. Output goes to a temporary file beside the target and is renamed
+into place only when complete; on any failure the temporary file is removed. The same input and
+options give a byte-identical file (no timestamps; metadata in a fixed order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from gguf import GGUFWriter
+
+from .. import __version__
+from .. import constants as K
+from ..errors import OutputError
+from ..kernels import get_quant_type
+from .arch import arch_for
+from .checkpoint import Checkpoint, open_checkpoint
+from .plan import PlannedTensor, plan_types
+from .tokenizer import load_vocab
+
+
+@dataclass
+class ConvertResult:
+    output: Path
+    out_type: str
+    bytes: int
+    seconds: float
+    tensor_types: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        return {
+            "output": str(self.output),
+            "type": self.out_type,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 3),
+            "tensor_types": self.tensor_types,
+            "warnings": self.warnings,
+        }
+
+
+def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; expected a file path for the GGUF output")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists; pass --force to overwrite it")
+    parent = out.parent
+    if not parent.exists():
+        raise OutputError(f"{out}: directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise OutputError(f"{out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{out}: directory {parent} is not writable")
+    resolved = out.resolve()
+    if any(resolved == p.resolve() for p in inputs):
+        raise OutputError(f"{out}: is one of the input files; the input is never overwritten")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 23) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def convert(
+    src: Path,
+    out: Path,
+    out_type: str = "f16",
+    *,
+    force: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(src)
+    check_output(out, force, ckpt.files + [src / "config.json"])
+    arch = arch_for(ckpt)
+    specs = arch.tensor_specs()
+    planned, plan_warnings = plan_types(specs, out_type)
+    vocab, vocab_warnings = load_vocab(src, ckpt.config, arch.n_vocab)
+    warnings = arch.warnings + vocab_warnings + plan_warnings
+    for w in warnings:
+        log(f"warning: {w}")
+
+    writer = GGUFWriter(path=None, arch=arch.gguf_arch)
+    _write_metadata(writer, ckpt, arch, vocab, planned, out_type)
+    for p in planned:
+        writer.add_tensor_info(p.spec.gguf_name, p.spec.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype.ggml_type)
+
+    fd, tmp_name = _temp_beside(out)
+    tmp = Path(tmp_name)
+    try:
+        os.close(fd)
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        _write_tensors(writer, ckpt, planned, progress)
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    counts = Counter(p.qtype.name for p in planned)
+    return ConvertResult(out, out_type, out.stat().st_size, time.perf_counter() - t0, dict(sorted(counts.items())), warnings)
+
+
+def _temp_beside(out: Path) -> tuple[int, str]:
+    try:
+        return tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot create a file in {out.parent} ({e.strerror})") from None
+
+
+def _write_metadata(writer: GGUFWriter, ckpt: Checkpoint, arch, vocab, planned: list[PlannedTensor], out_type: str) -> None:
+    writer.add_name(ckpt.path.resolve().name)
+    writer.add_file_type(int(get_quant_type(out_type).file_type))
+    if any(p.qtype.block_size > 1 for p in planned):
+        writer.add_quantization_version(2)  # GGML_QNT_VERSION
+    arch.write_hparams(writer)
+    vocab.write(writer)
+    writer.add_string(K.KEY_VERSION, __version__)
+    writer.add_string(K.KEY_OUTPUT_TYPE, out_type)
+    writer.add_array(K.KEY_SOURCE_FILES, [f.name for f in ckpt.files])
+    writer.add_array(K.KEY_SOURCE_SHA256, [sha256_file(f) for f in ckpt.files])
+    writer.add_array(K.KEY_TENSOR_NAMES, [p.spec.gguf_name for p in planned])
+    writer.add_array(K.KEY_TENSOR_TYPES, [p.qtype.name for p in planned])
+
+
+def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTensor], progress: bool) -> None:
+    from tqdm import tqdm
+
+    total = sum(p.nbytes for p in planned)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr, disable=not progress) as bar:
+        for p in planned:
+            data = ckpt.load(p.spec.src_name)
+            if p.spec.transpose:
+                data = data.T
+            encoded = p.qtype.quantize(np.ascontiguousarray(data, dtype=np.float32))
+            writer.write_tensor_data(encoded)
+            bar.update(p.nbytes)
+            del data, encoded

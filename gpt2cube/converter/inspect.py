@@ -1,0 +1,83 @@
+"""`inspect`: what a GGUF file holds, read with gguf-py's reader (memory-mapped, no tensor data
+is read). Long metadata arrays are summarised (length, element type, first few values)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gguf import GGUFReader, GGUFValueType
+
+from ..errors import GGUFFormatError
+
+ARRAY_PREVIEW = 4
+
+
+def read_gguf(path: Path) -> GGUFReader:
+    if not path.is_file():
+        raise GGUFFormatError(f"{path}: no such file")
+    try:
+        return GGUFReader(path)
+    except (ValueError, KeyError, IndexError, OSError) as e:
+        raise GGUFFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _summarise(field) -> Any:
+    value = field.contents()
+    if field.types and field.types[0] == GGUFValueType.ARRAY and len(value) > ARRAY_PREVIEW:
+        sub = field.types[-1].name.lower()
+        return {"array": sub, "length": len(value), "first": value[:ARRAY_PREVIEW]}
+    return value
+
+
+def inspect_gguf(path: Path) -> dict[str, Any]:
+    reader = read_gguf(path)
+    metadata = {name: _summarise(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    arch = metadata.get("general.architecture", "?")
+    tensors = [
+        {
+            "name": t.name,
+            "type": t.tensor_type.name,
+            "shape": [int(d) for d in t.shape],  # ggml order: ne0 (row length) first
+            "bytes": int(t.n_bytes),
+            "elements": int(t.n_elements),
+        }
+        for t in reader.tensors
+    ]
+    n_bytes = sum(t["bytes"] for t in tensors)
+    n_elems = sum(t["elements"] for t in tensors)
+    return {
+        "file": str(path),
+        "file_bytes": path.stat().st_size,
+        "architecture": arch,
+        "hparams": {k[len(arch) + 1:]: v for k, v in metadata.items() if k.startswith(f"{arch}.")},
+        "tensor_bytes": n_bytes,
+        "parameters": n_elems,
+        "bits_per_weight": round(8 * n_bytes / n_elems, 4) if n_elems else 0.0,
+        "tensors": tensors,
+        "metadata": metadata,
+    }
+
+
+def format_report(info: dict[str, Any]) -> str:
+    lines = [
+        f"file: {info['file']} ({info['file_bytes'] / 1e6:.2f} MB)",
+        f"architecture: {info['architecture']}",
+        "hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in info["hparams"].items()),
+        f"parameters: {info['parameters']:,}  tensor bytes: {info['tensor_bytes']:,}  "
+        f"bits per weight: {info['bits_per_weight']:.3f}",
+        "",
+        f"{'tensor':<28} {'type':<6} {'shape':>16} {'bytes':>12}",
+    ]
+    for t in info["tensors"]:
+        shape = "x".join(map(str, t["shape"]))
+        lines.append(f"{t['name']:<28} {t['type']:<6} {shape:>16} {t['bytes']:>12,}")
+    lines += ["", "metadata:"]
+    for k, v in info["metadata"].items():
+        lines.append(f"  {k} = {v}")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Evaluation through llama-cpp-python (the real runtime) and transformers (the reference)."""

@@ -1,0 +1,89 @@
+"""The registry of GGUF tensor encodings.
+
+Each encoding is a class that registers itself by name (`class Q8_0(QuantType, name="q8_0")`);
+the CLI's `--type` choices and the converter read this registry, never a chain of ifs. A class
+packs float32 rows into the exact bytes ggml expects (`quantize`), keeps a plain numpy
+reference twin (`quantize_ref`, one block at a time, written for reading not speed) and unpacks
+bytes back to float32 (`dequantize`).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType
+
+QUANT_TYPES: dict[str, type["QuantType"]] = {}
+
+
+class QuantType:
+    name: ClassVar[str]
+    ggml_type: ClassVar[GGMLQuantizationType]
+    file_type: ClassVar[LlamaFileType]
+    block_size: ClassVar[int]  # weights per block (1 for plain float types)
+    type_size: ClassVar[int]  # bytes per block
+    # Row length below which/at which a type cannot be used is governed by block_size alone.
+
+    def __init_subclass__(cls, name: str | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            if name in QUANT_TYPES:
+                raise ValueError(f"quant type {name!r} registered twice")
+            cls.name = name
+            QUANT_TYPES[name] = cls
+
+    @classmethod
+    def row_ok(cls, row_length: int) -> bool:
+        """Whether rows of this many weights (ggml's ne0) can be stored in this type."""
+        return row_length % cls.block_size == 0
+
+    @classmethod
+    def nbytes(cls, shape: tuple[int, ...]) -> int:
+        n = int(np.prod(shape, dtype=np.int64))
+        return n // cls.block_size * cls.type_size
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.type_size / self.block_size
+
+    @classmethod
+    def quantize(cls, x: np.ndarray) -> np.ndarray:
+        """float32 array (..., n) -> encoded array whose bytes are the GGUF tensor data."""
+        raise NotImplementedError(f"{cls.__name__} must implement quantize")
+
+    @classmethod
+    def quantize_ref(cls, x: np.ndarray) -> np.ndarray:
+        """Reference twin of `quantize`; defaults to `quantize` where there is no fast path."""
+        return cls.quantize(x)
+
+    @classmethod
+    def dequantize(cls, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Encoded bytes -> float32 array of `shape`."""
+        raise NotImplementedError(f"{cls.__name__} must implement dequantize")
+
+
+def get_quant_type(name: str) -> type[QuantType]:
+    try:
+        return QUANT_TYPES[name]
+    except KeyError:
+        known = ", ".join(sorted(QUANT_TYPES))
+        raise ValueError(f"unknown tensor type {name!r}; known types: {known}") from None
+
+
+def as_blocks(x: np.ndarray, block_size: int) -> np.ndarray:
+    """(..., n) float array -> (n_blocks, block_size) float32 view/copy, row-major."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.shape[-1] % block_size:
+        raise ValueError(f"row length {x.shape[-1]} is not a multiple of the block size {block_size}")
+    return x.reshape(-1, block_size)
+
+
+def round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's roundf (halves away from zero), exactly, in float32.
+
+    `floor(|x| + 0.5)` is not exact in float32 (0.49999997 + 0.5 rounds up to 1.0); the
+    fractional part of x is exact (Sterbenz), so comparing it with 0.5 is.
+    """
+    t = np.trunc(x)
+    return t + np.where(np.abs(x - t) >= 0.5, np.sign(x), 0).astype(x.dtype)

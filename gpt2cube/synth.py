@@ -1,0 +1,120 @@
+"""Random GPT-2 checkpoints in every layout transformers writes, for tests, the demo and
+benchmarks (no weights are ever downloaded).
+
+Every parameter is random, norms and biases included (a freshly initialised model has unit norm
+weights and zero biases, which would hide a mis-mapped bias), and `init_std` can be raised so
+logits have enough spread for comparisons to mean something.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .converter.tokenizer import bundled_gpt2_files
+
+
+def make_random_gpt2(
+    out_dir: Path,
+    *,
+    n_layer: int = 2,
+    n_embd: int = 256,
+    n_head: int = 4,
+    n_positions: int = 256,
+    vocab_size: int = 50257,
+    n_inner: int | None = None,
+    tied: bool = True,
+    seed: int = 0,
+    init_std: float = 0.02,
+    weights: str = "safetensors",  # safetensors | bin | sharded
+    tokenizer: str | None = "files",  # files (vocab.json+merges.txt) | json (tokenizer.json) | None
+    write_n_ctx: bool = False,
+    legacy_names: bool = False,  # original OpenAI checkpoints: no "transformer." prefix
+):
+    """Builds, saves and returns (out_dir, model)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, vocab_size=vocab_size,
+        n_inner=n_inner, initializer_range=init_std, tie_word_embeddings=tied,
+        bos_token_id=min(50256, vocab_size - 1), eos_token_id=min(50256, vocab_size - 1),
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(init_std * torch.randn(p.shape, generator=gen))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if weights == "bin":
+        _save_legacy_bin(model, out_dir, legacy_names)
+        cfg.save_pretrained(out_dir)
+    else:
+        model.save_pretrained(out_dir, max_shard_size="2MB" if weights == "sharded" else "50GB")
+    if write_n_ctx:
+        _patch_config(out_dir / "config.json", n_ctx=n_positions)
+    _write_tokenizer(out_dir, tokenizer)
+    return out_dir, model
+
+
+def _save_legacy_bin(model, out_dir: Path, legacy_names: bool) -> None:
+    """pytorch_model.bin as old checkpoints were saved, with the causal-mask buffers."""
+    import torch
+
+    state = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        state[k.removeprefix("transformer.") if legacy_names else k] = v.clone()
+    n = model.config.n_positions
+    prefix = "" if legacy_names else "transformer."
+    for i in range(model.config.n_layer):
+        state[f"{prefix}h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n)
+        state[f"{prefix}h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, out_dir / "pytorch_model.bin")
+
+
+def _patch_config(path: Path, **updates: object) -> None:
+    cfg = json.loads(path.read_text())
+    cfg.update(updates)
+    path.write_text(json.dumps(cfg, indent=2))
+
+
+def _write_tokenizer(out_dir: Path, kind: str | None) -> None:
+    if kind is None:
+        return
+    encoder, bpe = bundled_gpt2_files()
+    if kind == "files":
+        shutil.copyfile(encoder, out_dir / "vocab.json")
+        shutil.copyfile(bpe, out_dir / "merges.txt")
+    elif kind == "json":
+        hf_tokenizer(encoder, bpe).backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+    else:
+        raise ValueError(f"tokenizer kind {kind!r}; expected 'files', 'json' or None")
+
+
+def hf_tokenizer(vocab_json: Path | None = None, merges: Path | None = None):
+    """GPT-2's fast tokenizer from vocab/merges files (default: the bundled GPT-2 files)."""
+    from transformers import GPT2TokenizerFast
+
+    if vocab_json is None or merges is None:
+        vocab_json, merges = bundled_gpt2_files()
+    vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
+    pairs = [tuple(ln.split(" ")) for ln in Path(merges).read_text(encoding="utf-8").splitlines()
+             if ln and not ln.startswith("#version")]
+    return GPT2TokenizerFast(vocab=vocab, merges=pairs)
+
+
+def hf_logits(model, tokens: list[int]) -> np.ndarray:
+    """fp32 transformers logits, (n_tokens, vocab)."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()

