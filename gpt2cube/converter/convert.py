@@ -152,7 +152,7 @@ def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTe
             data = ckpt.load(p.spec.src_name)
             if p.spec.transpose:
                 data = data.T
-            encoded = p.qtype.quantize(np.ascontiguousarray(data, dtype=np.float32))
+            encoded = p.qtype.quantize_rows(np.ascontiguousarray(data, dtype=np.float32))
             writer.write_tensor_data(encoded)
             bar.update(p.nbytes)
             del data, encoded

@@ -51,7 +51,8 @@ class BF16(QuantType, name="bf16"):
     def quantize(cls, x: np.ndarray) -> np.ndarray:
         u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
         is_nan = (u & 0x7FFFFFFF) > 0x7F800000
-        rounded = (u.astype(np.uint64) + (0x7FFF + ((u >> 16) & 1))) >> 16
+        # uint32 wrap-around only happens for u > 0xFFFF7FFF, which are NaNs replaced below.
+        rounded = (u + (np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1)))) >> 16
         quiet_nan = (u >> 16) | 0x40
         return np.where(is_nan, quiet_nan, rounded).astype(np.uint16)
 
