@@ -43,21 +43,38 @@ def main() -> None:
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="GGUF file to write.")
 @click.option("--type", "out_type", type=click.Choice(sorted(QUANT_TYPES)), default="f16", show_default=True,
-              help="Encoding of the weight matrices; norms and biases stay f32.")
+              help="Encoding of the linear layers (attn_qkv, attn_output, ffn_up, ffn_down).")
+@click.option("--embed-type", type=click.Choice(sorted(QUANT_TYPES)), default=None,
+              help="Encoding of token/position embeddings and the output head "
+                   "[default: q8_0 for ternary --type, else --type].")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
+              help="TOML or JSON table of tensor-name glob -> type, applied last (last match wins).")
+@click.option("--ternary-scale", type=click.Choice(["tensor", "row"]), default="tensor", show_default=True,
+              help="BitNet absmean scale per tensor or per output row.")
+@click.option("--strict", is_flag=True, help="Fail instead of falling back when a row does not fit a type.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
-def convert(src: Path, out: Path, out_type: str, force: bool, quiet: bool, as_json: bool) -> None:
-    """Convert the Hugging Face checkpoint directory SRC to a GGUF file."""
-    from .converter import convert as run_convert
+def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_file: Path | None,
+            ternary_scale: str, strict: bool, force: bool, quiet: bool, as_json: bool) -> None:
+    """Convert the Hugging Face checkpoint directory SRC to a GGUF file.
 
-    result = run_convert(src, out, out_type, force=force, progress=not quiet, log=_log)
+    Norms and biases always stay f32. Ternary types (tq1_0, tq2_0) apply BitNet b1.58 absmean
+    ternarization first; sparsity per tensor is reported."""
+    from .converter import convert as run_convert
+    from .converter.plan import Recipe, load_recipe_file
+
+    patterns = load_recipe_file(recipe_file) if recipe_file else []
+    recipe = Recipe(out_type, embed_type, patterns, ternary_scale, strict)
+    result = run_convert(src, out, recipe, force=force, progress=not quiet, log=_log)
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=2))
-    else:
-        types = ", ".join(f"{n} {t}" for t, n in result.tensor_types.items())
-        click.echo(f"wrote {result.output} ({result.bytes / 1e6:.2f} MB, {types}) in {result.seconds:.2f} s")
+        return
+    for name, st in result.ternary.items():
+        _log(f"ternary {name}: sparsity {st['sparsity']:.3f}, scale {st['scale']:.6g} ({st['scale_mode']})")
+    types = ", ".join(f"{n} {t}" for t, n in result.tensor_types.items())
+    click.echo(f"wrote {result.output} ({result.bytes / 1e6:.2f} MB, {types}) in {result.seconds:.2f} s")
 
 
 @main.command()

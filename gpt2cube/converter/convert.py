@@ -28,7 +28,7 @@ from ..errors import OutputError
 from ..kernels import get_quant_type
 from .arch import arch_for
 from .checkpoint import Checkpoint, open_checkpoint
-from .plan import PlannedTensor, plan_types
+from .plan import PlannedTensor, Recipe, plan_types
 from .tokenizer import load_vocab
 
 
@@ -40,6 +40,7 @@ class ConvertResult:
     seconds: float
     tensor_types: dict[str, int]
     warnings: list[str] = field(default_factory=list)
+    ternary: dict[str, dict] = field(default_factory=dict)  # tensor -> sparsity, scale
 
     def as_json(self) -> dict:
         return {
@@ -49,6 +50,7 @@ class ConvertResult:
             "seconds": round(self.seconds, 3),
             "tensor_types": self.tensor_types,
             "warnings": self.warnings,
+            "ternary": self.ternary,
         }
 
 
@@ -80,7 +82,7 @@ def sha256_file(path: Path, chunk: int = 1 << 23) -> str:
 def convert(
     src: Path,
     out: Path,
-    out_type: str = "f16",
+    recipe: Recipe | str = "f16",
     *,
     force: bool = False,
     progress: bool = True,
@@ -92,14 +94,15 @@ def convert(
     check_output(out, force, ckpt.files + [src / "config.json"])
     arch = arch_for(ckpt)
     specs = arch.tensor_specs()
-    planned, plan_warnings = plan_types(specs, out_type)
+    recipe = Recipe(linear=recipe) if isinstance(recipe, str) else recipe
+    planned, plan_warnings = plan_types(specs, recipe)
     vocab, vocab_warnings = load_vocab(src, ckpt.config, arch.n_vocab)
     warnings = arch.warnings + vocab_warnings + plan_warnings
     for w in warnings:
         log(f"warning: {w}")
 
     writer = GGUFWriter(path=None, arch=arch.gguf_arch)
-    _write_metadata(writer, ckpt, arch, vocab, planned, out_type)
+    _write_metadata(writer, ckpt, arch, vocab, planned, recipe)
     for p in planned:
         writer.add_tensor_info(p.spec.gguf_name, p.spec.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype.ggml_type)
 
@@ -110,7 +113,7 @@ def convert(
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        _write_tensors(writer, ckpt, planned, progress)
+        ternary = _write_tensors(writer, ckpt, planned, recipe, progress)
         writer.close()
         os.replace(tmp, out)
     except BaseException:
@@ -118,7 +121,8 @@ def convert(
         tmp.unlink(missing_ok=True)
         raise
     counts = Counter(p.qtype.name for p in planned)
-    return ConvertResult(out, out_type, out.stat().st_size, time.perf_counter() - t0, dict(sorted(counts.items())), warnings)
+    return ConvertResult(out, recipe.linear, out.stat().st_size, time.perf_counter() - t0,
+                         dict(sorted(counts.items())), warnings, ternary)
 
 
 def _temp_beside(out: Path) -> tuple[int, str]:
@@ -128,31 +132,43 @@ def _temp_beside(out: Path) -> tuple[int, str]:
         raise OutputError(f"{out}: cannot create a file in {out.parent} ({e.strerror})") from None
 
 
-def _write_metadata(writer: GGUFWriter, ckpt: Checkpoint, arch, vocab, planned: list[PlannedTensor], out_type: str) -> None:
+def _write_metadata(writer: GGUFWriter, ckpt: Checkpoint, arch, vocab, planned: list[PlannedTensor],
+                    recipe: Recipe) -> None:
     writer.add_name(ckpt.path.resolve().name)
-    writer.add_file_type(int(get_quant_type(out_type).file_type))
+    writer.add_file_type(int(get_quant_type(recipe.linear).file_type))
     if any(p.qtype.block_size > 1 for p in planned):
         writer.add_quantization_version(2)  # GGML_QNT_VERSION
     arch.write_hparams(writer)
     vocab.write(writer)
     writer.add_string(K.KEY_VERSION, __version__)
-    writer.add_string(K.KEY_OUTPUT_TYPE, out_type)
+    writer.add_string(K.KEY_OUTPUT_TYPE, recipe.linear)
+    writer.add_string(K.KEY_EMBED_TYPE, recipe.embed_type)
+    if recipe.patterns:
+        writer.add_array(K.KEY_RECIPE, [f"{p}={t}" for p, t in recipe.patterns])
+    if any(p.qtype.is_ternary for p in planned):
+        writer.add_string(K.KEY_TERNARY_SCALE, recipe.ternary_scale)
     writer.add_array(K.KEY_SOURCE_FILES, [f.name for f in ckpt.files])
     writer.add_array(K.KEY_SOURCE_SHA256, [sha256_file(f) for f in ckpt.files])
     writer.add_array(K.KEY_TENSOR_NAMES, [p.spec.gguf_name for p in planned])
     writer.add_array(K.KEY_TENSOR_TYPES, [p.qtype.name for p in planned])
 
 
-def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTensor], progress: bool) -> None:
+def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTensor], recipe: Recipe,
+                   progress: bool) -> dict[str, dict]:
+    """Streams every tensor; returns the statistics the encoders report (ternary sparsity)."""
     from tqdm import tqdm
 
+    stats: dict[str, dict] = {}
     total = sum(p.nbytes for p in planned)
     with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr, disable=not progress) as bar:
         for p in planned:
             data = ckpt.load(p.spec.src_name)
             if p.spec.transpose:
                 data = data.T
-            encoded = p.qtype.quantize_rows(np.ascontiguousarray(data, dtype=np.float32))
+            encoded, info = p.qtype.encode(np.ascontiguousarray(data, dtype=np.float32), recipe.ternary_scale)
             writer.write_tensor_data(encoded)
+            if info:
+                stats[p.spec.gguf_name] = info
             bar.update(p.nbytes)
             del data, encoded
+    return stats

@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from gguf import GGUFReader, GGUFValueType
 
 from ..errors import GGUFFormatError
+from ..kernels import QUANT_TYPES
 
 ARRAY_PREVIEW = 4
 
@@ -35,8 +37,19 @@ def _summarise(field) -> Any:
     return value
 
 
+def ternary_stats(tensor) -> dict[str, float]:
+    """Decoded from the file itself: fraction of zero weights and the (mean) block scale."""
+    qt = next(q for q in QUANT_TYPES.values() if q.ggml_type == tensor.tensor_type)
+    raw = np.asarray(tensor.data).reshape(-1, qt.type_size)
+    codes = qt._unpack_codes(raw[:, :-2])
+    scales = raw[:, -2:].copy().view(np.float16).astype(np.float32)
+    return {"sparsity": float((codes == 1).mean()), "scale": float(scales.mean()),
+            "distinct_scales": int(np.unique(scales).size)}
+
+
 def inspect_gguf(path: Path) -> dict[str, Any]:
     reader = read_gguf(path)
+    ternary = {q.ggml_type for q in QUANT_TYPES.values() if q.is_ternary}
     metadata = {name: _summarise(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
     arch = metadata.get("general.architecture", "?")
     tensors = [
@@ -46,6 +59,7 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
             "shape": [int(d) for d in t.shape],  # ggml order: ne0 (row length) first
             "bytes": int(t.n_bytes),
             "elements": int(t.n_elements),
+            **(ternary_stats(t) if t.tensor_type in ternary else {}),
         }
         for t in reader.tensors
     ]
@@ -72,11 +86,12 @@ def format_report(info: dict[str, Any]) -> str:
         f"parameters: {info['parameters']:,}  tensor bytes: {info['tensor_bytes']:,}  "
         f"bits per weight: {info['bits_per_weight']:.3f}",
         "",
-        f"{'tensor':<28} {'type':<6} {'shape':>16} {'bytes':>12}",
+        f"{'tensor':<28} {'type':<6} {'shape':>16} {'bytes':>12}  notes",
     ]
     for t in info["tensors"]:
         shape = "x".join(map(str, t["shape"]))
-        lines.append(f"{t['name']:<28} {t['type']:<6} {shape:>16} {t['bytes']:>12,}")
+        notes = f"  sparsity {t['sparsity']:.3f}, scale {t['scale']:.5g}" if "sparsity" in t else ""
+        lines.append(f"{t['name']:<28} {t['type']:<6} {shape:>16} {t['bytes']:>12,}{notes}")
     lines += ["", "metadata:"]
     for k, v in info["metadata"].items():
         lines.append(f"  {k} = {v}")

@@ -1,19 +1,43 @@
-"""Which encoding each tensor gets.
+"""Which encoding each tensor gets: the recipe.
 
-Norms and biases stay f32 (ggml's norm and add kernels read them as f32); every weight matrix
-takes the requested type when its row length (ne0) fits the type's block, otherwise a stated
-fallback with a warning that names the tensors.
+Layers of the decision, later ones winning:
+  1. norms and biases: always f32 (ggml's norm and add kernels read them as f32);
+  2. linear layers (attn_qkv, attn_output, ffn_up, ffn_down): `--type`;
+  3. token/position embeddings and the output head: `--embed-type` (default q8_0 when `--type`
+     is ternary, otherwise `--type`);
+  4. `--recipe FILE` patterns (fnmatch globs over GGUF tensor names -> type), file order, last
+     match wins; they apply to weight matrices only.
+A row length (ne0) a type cannot hold follows the type's fallback chain (tq*/q4_k -> q4_0 ->
+f16) with one warning listing the tensors, or fails with `--strict`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from ..kernels import QuantType, get_quant_type
+from ..errors import InputError
+from ..kernels import QUANT_TYPES, QuantType, get_quant_type
 from .arch import TensorSpec
 
-# When a row does not fit the requested type's block: the next type that always fits.
-FALLBACK = "f16"
+EMBED_ROLES = ("token_embd", "position_embd", "output")
+
+
+@dataclass
+class Recipe:
+    linear: str = "f16"
+    embed: str | None = None
+    patterns: list[tuple[str, str]] = field(default_factory=list)
+    ternary_scale: str = "tensor"
+    strict: bool = False
+
+    @property
+    def embed_type(self) -> str:
+        if self.embed is not None:
+            return self.embed
+        return "q8_0" if get_quant_type(self.linear).is_ternary else self.linear
 
 
 @dataclass(frozen=True)
@@ -26,24 +50,67 @@ class PlannedTensor:
         return self.qtype.nbytes(self.spec.shape)
 
 
-def plan_types(specs: list[TensorSpec], out_type: str) -> tuple[list[PlannedTensor], list[str]]:
-    wanted = get_quant_type(out_type)
-    f32, fallback = get_quant_type("f32"), get_quant_type(FALLBACK)
-    planned: list[PlannedTensor] = []
-    fell_back: list[str] = []
-    for s in specs:
-        if len(s.shape) < 2 or s.role in ("norm", "bias"):
-            qtype = f32
-        elif wanted.row_ok(s.shape[-1]):
-            qtype = wanted
+def load_recipe_file(path: Path) -> list[tuple[str, str]]:
+    """TOML or JSON: either a flat mapping or a [types] table of pattern -> type."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the recipe ({e.strerror})") from None
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
         else:
-            qtype = fallback
-            fell_back.append(f"{s.gguf_name} (row {s.shape[-1]})")
+            import tomllib
+
+            data = tomllib.loads(text)
+    except (ValueError, json.JSONDecodeError) as e:  # tomllib.TOMLDecodeError is a ValueError
+        raise InputError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'TOML'} ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("types"), dict):
+        data = data["types"]
+    if not isinstance(data, dict) or not data:
+        raise InputError(f"{path}: expected a table of tensor-name pattern -> type, e.g. \"blk.*.ffn_down.weight\" = \"tq2_0\"")
+    patterns = []
+    for pattern, qtype in data.items():
+        if not isinstance(qtype, str) or qtype not in QUANT_TYPES:
+            raise InputError(
+                f"{path}: pattern {pattern!r} has type {qtype!r}; expected one of {', '.join(sorted(QUANT_TYPES))}"
+            )
+        patterns.append((pattern, qtype))
+    return patterns
+
+
+def plan_types(specs: list[TensorSpec], recipe: Recipe | str) -> tuple[list[PlannedTensor], list[str]]:
+    if isinstance(recipe, str):
+        recipe = Recipe(linear=recipe)
+    f32 = get_quant_type("f32")
+    matrices = [s for s in specs if len(s.shape) == 2 and s.role not in ("norm", "bias")]
+    for pattern, _ in recipe.patterns:
+        if not any(fnmatch.fnmatchcase(s.gguf_name, pattern) for s in matrices):
+            raise InputError(f"recipe pattern {pattern!r} matches no weight matrix (e.g. blk.0.ffn_up.weight)")
+    planned: list[PlannedTensor] = []
+    fell_back: dict[tuple[str, str], list[str]] = {}
+    for s in specs:
+        if s not in matrices:
+            planned.append(PlannedTensor(s, f32))
+            continue
+        name = recipe.embed_type if s.role in EMBED_ROLES else recipe.linear
+        for pattern, qtype in recipe.patterns:
+            if fnmatch.fnmatchcase(s.gguf_name, pattern):
+                name = qtype
+        qtype = get_quant_type(name)
+        while not qtype.row_ok(s.shape[-1]):
+            if recipe.strict or qtype.fallback is None:
+                raise InputError(
+                    f"tensor {s.gguf_name} has rows of {s.shape[-1]} weights, not a multiple of {qtype.block_size}, "
+                    f"so it cannot be {qtype.name}" + ("; drop --strict to fall back" if recipe.strict else "")
+                )
+            qtype = get_quant_type(qtype.fallback)
+        if qtype.name != name:
+            fell_back.setdefault((name, qtype.name), []).append(f"{s.gguf_name} (row {s.shape[-1]})")
         planned.append(PlannedTensor(s, qtype))
-    warnings = []
-    if fell_back:
-        warnings.append(
-            f"{len(fell_back)} tensor(s) have rows that are not a multiple of {wanted.block_size} "
-            f"and cannot be {out_type}; writing them as {FALLBACK}: {', '.join(fell_back)}"
-        )
+    warnings = [
+        f"{len(names)} tensor(s) have rows that do not fit {want}'s blocks of {get_quant_type(want).block_size}; "
+        f"writing them as {got}: {', '.join(names)}"
+        for (want, got), names in fell_back.items()
+    ]
     return planned, warnings

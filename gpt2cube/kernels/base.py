@@ -23,7 +23,9 @@ class QuantType:
     file_type: ClassVar[LlamaFileType]
     block_size: ClassVar[int]  # weights per block (1 for plain float types)
     type_size: ClassVar[int]  # bytes per block
-    # Row length below which/at which a type cannot be used is governed by block_size alone.
+    # The type to use instead when a row length does not fit block_size (None: always fits).
+    fallback: ClassVar[str | None] = None
+    is_ternary: ClassVar[bool] = False
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -65,6 +67,12 @@ class QuantType:
         for i in range(rows, x.shape[0], rows):
             out[i : i + rows] = cls.quantize(x[i : i + rows])
         return out
+
+    @classmethod
+    def encode(cls, x: np.ndarray, scale_mode: str = "tensor") -> tuple[np.ndarray, dict]:
+        """The converter's entry: encoded bytes plus statistics worth reporting (none here;
+        ternary types report sparsity). `scale_mode` only matters to ternary types."""
+        return cls.quantize_rows(x), {}
 
     @classmethod
     def quantize_ref(cls, x: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ class Q8_0(QuantType, name="q8_0"):
     file_type = LlamaFileType.MOSTLY_Q8_0
     block_size = QK8_0
     type_size = 2 + QK8_0
+    fallback = "f16"
 
     @classmethod
     def quantize(cls, x: np.ndarray) -> np.ndarray:

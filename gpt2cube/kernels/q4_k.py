@@ -1,0 +1,182 @@
+"""Q4_K: super-blocks of 256 weights = 8 sub-blocks of 32, each with its own 6-bit scale and
+6-bit min, themselves scaled by two float16 super-block factors.
+
+Byte layout of a super-block (144 bytes, ggml's `block_q4_K`):
+    d      : float16    (bytes 0-1)     factor for the sub-block scales
+    dmin   : float16    (bytes 2-3)     factor for the sub-block mins
+    scales : uint8[12]  (bytes 4-15)    6-bit sc[j], m[j] for j < 8:
+             j < 4 : sc[j] = scales[j] & 63,        m[j] = scales[j + 4] & 63
+             j >= 4: sc[j] = scales[j + 4] & 15 | (scales[j - 4] >> 6) << 4
+                     m[j]  = scales[j + 4] >> 4 | (scales[j] >> 6) << 4
+    qs     : uint8[128] (bytes 16-143)  for chunk c < 4 and l < 32: qs[32c + l] holds
+             q[64c + l] in its low nibble and q[64c + 32 + l] in its high nibble
+Dequantization: x[32j + i] = d * sc[j] * q[32j + i] - dmin * m[j].
+
+Our quantizer (the same family as ggml's reference, written for plain squared error):
+ 1. per sub-block, a search over 21 candidate step sizes around (max - min) / 15; for each, the
+    codes are rounded and (scale, min) refitted by least squares (min <= 0 kept);
+ 2. sub-block scales and mins quantized to 6 bits against the super-block maxima;
+ 3. a local refinement ggml does not do: each sub-block tries its 6-bit scale and min +-1 with
+    the codes re-rounded, and keeps the pair of lowest error.
+gguf-py cannot quantize Q4_K; tests hold this against ggml's reference quantizer (RMSE) and
+gguf-py's dequantizer (bit-exact).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType
+
+from .base import QuantType, as_blocks
+
+QK_K = 256
+N_STEPS, R_MIN, R_DELTA = 20, -1.0, 0.1
+
+
+def _fit_subblocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 32) -> (scale (N,), neg_min (N,)) with x ~= scale * q - neg_min, q in 0..15."""
+    mn = np.minimum(x.min(axis=1), 0)
+    mx = x.max(axis=1)
+    rng = mx - mn
+    ok = rng > 0
+    safe = np.where(ok, rng, 1).astype(np.float32)
+    best_scale = (rng / 15).astype(np.float32)
+    best_min = mn.astype(np.float32)
+    q = np.clip(np.rint((x - mn[:, None]) * (15 / safe)[:, None]), 0, 15)
+    best_err = ((best_scale[:, None] * q + best_min[:, None] - x) ** 2).sum(axis=1)
+    n = np.float32(x.shape[1])
+    sum_x = x.sum(axis=1)
+    for step in range(N_STEPS + 1):
+        iscale = (R_MIN + R_DELTA * step + 15) / safe
+        q = np.clip(np.rint((x - mn[:, None]) * iscale[:, None]), 0, 15)
+        sl, sl2, sxl = q.sum(axis=1), (q * q).sum(axis=1), (q * x).sum(axis=1)
+        det = n * sl2 - sl * sl
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = (n * sxl - sum_x * sl) / det
+            mins = (sl2 * sum_x - sl * sxl) / det
+            pos = mins > 0
+            scale = np.where(pos, sxl / sl2, scale)
+            mins = np.where(pos, 0, mins)
+        err = ((scale[:, None] * q + mins[:, None] - x) ** 2).sum(axis=1)
+        better = ok & (det > 0) & (err < best_err)
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        best_min = np.where(better, mins, best_min)
+    return best_scale.astype(np.float32), (-best_min).astype(np.float32)
+
+
+def _codes(x: np.ndarray, dl: np.ndarray, ml: np.ndarray) -> np.ndarray:
+    """Codes for (N, 32) given effective scale dl and min ml per sub-block (ggml's final pass)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.rint((x + ml[:, None]) / dl[:, None])
+    return np.where(dl[:, None] > 0, np.clip(q, 0, 15), 0)
+
+
+def _quantize_superblocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(nb, 256) -> d (nb,), dmin (nb,), sc (nb, 8), m (nb, 8), q (nb, 256), all as stored."""
+    nb = x.shape[0]
+    sub = x.reshape(nb * 8, 32)
+    scale, negmin = _fit_subblocks(sub)
+    scale, negmin = scale.reshape(nb, 8), negmin.reshape(nb, 8)
+    max_scale, max_min = scale.max(axis=1), negmin.max(axis=1)
+    with np.errstate(divide="ignore"):
+        inv_s = np.where(max_scale > 0, 63 / max_scale, 0)
+        inv_m = np.where(max_min > 0, 63 / max_min, 0)
+    sc = np.minimum(np.rint(inv_s[:, None] * scale), 63)
+    m = np.minimum(np.rint(inv_m[:, None] * negmin), 63)
+    d = (max_scale / 63).astype(np.float16).astype(np.float32)
+    dmin = (max_min / 63).astype(np.float16).astype(np.float32)
+
+    # Refinement: try sc +-1 and m +-1 per sub-block with codes re-rounded; keep the best.
+    def err_of(sc_try: np.ndarray, m_try: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        dl = (d[:, None] * sc_try).reshape(-1)
+        ml = (dmin[:, None] * m_try).reshape(-1)
+        q = _codes(sub, dl, ml)
+        e = ((dl[:, None] * q - ml[:, None] - sub) ** 2).sum(axis=1)
+        return e, q
+
+    best_e, best_q = err_of(sc, m)
+    best_sc, best_m = sc.reshape(-1).copy(), m.reshape(-1).copy()
+    for ds in (-1, 0, 1):
+        for dm in (-1, 0, 1):
+            if ds == 0 and dm == 0:
+                continue
+            sc_t = np.clip(sc + ds, 0, 63)
+            m_t = np.clip(m + dm, 0, 63)
+            e, q = err_of(sc_t, m_t)
+            better = e < best_e
+            best_e = np.where(better, e, best_e)
+            best_q = np.where(better[:, None], q, best_q)
+            best_sc = np.where(better, sc_t.reshape(-1), best_sc)
+            best_m = np.where(better, m_t.reshape(-1), best_m)
+    return d, dmin, best_sc.reshape(nb, 8), best_m.reshape(nb, 8), best_q.reshape(nb, QK_K)
+
+
+def pack_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """(nb, 8) 6-bit scales and mins -> (nb, 12) bytes in ggml's layout."""
+    sc, m = sc.astype(np.uint8), m.astype(np.uint8)
+    out = np.zeros((sc.shape[0], 12), dtype=np.uint8)
+    out[:, 0:4] = sc[:, 0:4] | ((sc[:, 4:8] >> 4) << 6)
+    out[:, 4:8] = m[:, 0:4] | ((m[:, 4:8] >> 4) << 6)
+    out[:, 8:12] = (sc[:, 4:8] & 0xF) | ((m[:, 4:8] & 0xF) << 4)
+    return out
+
+
+def unpack_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sc = np.empty((s.shape[0], 8), dtype=np.uint8)
+    m = np.empty_like(sc)
+    sc[:, :4], m[:, :4] = s[:, 0:4] & 63, s[:, 4:8] & 63
+    sc[:, 4:] = (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)
+    m[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return sc, m
+
+
+class Q4_K(QuantType, name="q4_k"):
+    ggml_type = GGMLQuantizationType.Q4_K
+    file_type = LlamaFileType.MOSTLY_Q4_K_M
+    block_size = QK_K
+    type_size = 4 + 12 + QK_K // 2
+    fallback = "q4_0"
+
+    @classmethod
+    def quantize(cls, x: np.ndarray) -> np.ndarray:
+        blocks = as_blocks(x, QK_K)
+        d, dmin, sc, m, q = _quantize_superblocks(blocks)
+        q = q.astype(np.uint8).reshape(-1, 4, 2, 32)  # [block, chunk, half, l]
+        out = np.empty((blocks.shape[0], cls.type_size), dtype=np.uint8)
+        out[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        out[:, 2:4] = dmin.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        out[:, 4:16] = pack_scales(sc, m)
+        out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+        return out.reshape(*np.shape(x)[:-1], -1)
+
+    @classmethod
+    def quantize_ref(cls, x: np.ndarray) -> np.ndarray:
+        """Block by block through the same math, with the byte packing spelled out per field."""
+        out = bytearray()
+        for block in as_blocks(x, QK_K):
+            d, dmin, sc, m, q = (a[0] for a in _quantize_superblocks(block[None, :]))
+            scales = [0] * 12
+            for j in range(8):
+                ls, lm = int(sc[j]), int(m[j])
+                if j < 4:
+                    scales[j] |= ls
+                    scales[j + 4] |= lm
+                else:
+                    scales[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+                    scales[j - 4] |= (ls >> 4) << 6
+                    scales[j] |= (lm >> 4) << 6
+            qs = [int(q[64 * c + l]) | (int(q[64 * c + 32 + l]) << 4) for c in range(4) for l in range(32)]
+            out += np.float16(d).tobytes() + np.float16(dmin).tobytes() + bytes(scales) + bytes(qs)
+        return np.frombuffer(bytes(out), dtype=np.uint8).reshape(*np.shape(x)[:-1], -1)
+
+    @classmethod
+    def dequantize(cls, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        raw = np.frombuffer(np.ascontiguousarray(data), dtype=np.uint8).reshape(-1, cls.type_size)
+        d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)
+        dmin = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, m = unpack_scales(raw[:, 4:16])
+        qs = raw[:, 16:].reshape(-1, 4, 1, 32)
+        q = np.concatenate([qs & 0xF, qs >> 4], axis=2).reshape(-1, 8, 32).astype(np.float32)
+        x = d[:, :, None] * sc[:, :, None] * q - dmin[:, :, None] * m[:, :, None]
+        return x.reshape(shape)
