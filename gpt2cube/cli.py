@@ -71,8 +71,10 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=2))
         return
-    for name, st in result.ternary.items():
-        _log(f"ternary {name}: sparsity {st['sparsity']:.3f}, scale {st['scale']:.6g} ({st['scale_mode']})")
+    if result.ternary:
+        sp = [st["sparsity"] for st in result.ternary.values()]
+        _log(f"ternary: {len(sp)} tensors, sparsity min {min(sp):.3f} mean {sum(sp) / len(sp):.3f} "
+             f"max {max(sp):.3f} (per tensor: --json or gpt2cube inspect)")
     types = ", ".join(f"{n} {t}" for t, n in result.tensor_types.items())
     click.echo(f"wrote {result.output} ({result.bytes / 1e6:.2f} MB, {types}) in {result.seconds:.2f} s")
 

@@ -9,12 +9,15 @@ bytes back to float32 (`dequantize`).
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
 QUANT_TYPES: dict[str, type["QuantType"]] = {}
+ENCODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 class QuantType:
@@ -55,17 +58,22 @@ class QuantType:
         raise NotImplementedError(f"{cls.__name__} must implement quantize")
 
     @classmethod
-    def quantize_rows(cls, x: np.ndarray, chunk_elems: int = 1 << 21) -> np.ndarray:
+    def quantize_rows(cls, x: np.ndarray, chunk_elems: int = 1 << 20) -> np.ndarray:
         """`quantize` over a 2-D array a band of rows at a time, so temporaries stay around
-        `chunk_elems` floats instead of growing with the tensor (token_embd of GPT-2 is 38.6M)."""
+        `chunk_elems` floats per worker instead of growing with the tensor (token_embd of GPT-2
+        is 38.6M); bands run on a few threads (numpy releases the GIL in its loops)."""
         rows = max(1, chunk_elems // max(1, x.shape[-1]))
         if x.ndim != 2 or x.shape[0] <= rows:
             return cls.quantize(x)
         first = cls.quantize(x[:rows])
         out = np.empty((x.shape[0], first.shape[1]), dtype=first.dtype)
         out[:rows] = first
-        for i in range(rows, x.shape[0], rows):
+
+        def band(i: int) -> None:
             out[i : i + rows] = cls.quantize(x[i : i + rows])
+
+        with ThreadPoolExecutor(max_workers=ENCODE_THREADS) as pool:
+            list(pool.map(band, range(rows, x.shape[0], rows)))
         return out
 
     @classmethod
