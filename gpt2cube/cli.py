@@ -92,6 +92,54 @@ def inspect(file: Path, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--corpus", "corpus", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Text file or directory of .txt files (repeatable).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output checkpoint directory.")
+@click.option("--preset", type=click.Choice(sorted(__import__("gpt2cube.train.trainer", fromlist=["PRESETS"]).PRESETS)),
+              default=None, help="Model shape; --n-layer/--n-embd/--n-head/--ctx override it.")
+@click.option("--n-layer", type=int, default=None)
+@click.option("--n-embd", type=int, default=None)
+@click.option("--n-head", type=int, default=None)
+@click.option("--ctx", type=int, default=None, help="Context length (n_positions) and training window.")
+@click.option("--tokens", type=int, default=1_000_000, show_default=True, help="Training tokens in all.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate.")
+@click.option("--warmup-steps", type=int, default=100, show_default=True)
+@click.option("--eval-every", type=int, default=100, show_default=True, help="Steps between held-out evaluations (and checkpoints).")
+@click.option("--holdout", multiple=True, type=click.Path(path_type=Path),
+              help="Corpus file to hold out for evaluation (repeatable; by file name).")
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt exactly.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
+@_fail_cleanly
+def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size, lr, warmup_steps, eval_every,
+          holdout, seed, device, threads, resume, quiet, as_json) -> None:
+    """Train a GPT-2 from scratch and write a Hugging Face checkpoint that `convert` takes."""
+    from .train.trainer import PRESETS, TrainConfig, train as run_train
+
+    shape = dict(zip(("n_layer", "n_embd", "n_head", "ctx"), PRESETS[preset or "reference"]))
+    for key, value in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head), ("ctx", ctx)):
+        if value is not None:
+            if value <= 0:
+                raise click.BadParameter(f"{value}; expected a positive integer", param_hint=f"--{key.replace('_', '-')}")
+            shape[key] = value
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(corpus=[str(c) for c in corpus], out=str(out), tokens=tokens, batch_size=batch_size, lr=lr,
+                      warmup_steps=warmup_steps, eval_every=eval_every, holdout=[str(h) for h in holdout],
+                      seed=seed, device=device, **shape)
+    summary = run_train(cfg, resume=resume, progress=not quiet, log=_log)
+    click.echo(json.dumps(summary, indent=2) if as_json else
+               f"wrote {out}: {summary['step']} steps, {summary['tokens']:,} tokens, "
+               f"held-out ppl {summary.get('val_ppl')}")
+
+
+@main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Where to keep the model and GGUF files (default: a temporary directory).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")

@@ -1,0 +1,83 @@
+"""Corpora as GPT-2 token streams, cached as uint16 arrays.
+
+A corpus is a list of text files (a directory stands for its *.txt files, sorted). Each file is
+tokenized with GPT-2's BPE and followed by <|endoftext|>; the cache key is the file's sha256,
+so a second run (or another command on the same files) starts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..constants import GPT2_EOT_ID
+from ..errors import InputError
+
+CACHE_ENV = "GPT2CUBE_CACHE"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "gpt2cube")) / "tokens"
+
+
+def corpus_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = sorted(p.glob("*.txt"))
+            if not found:
+                raise InputError(f"{p}: directory holds no .txt files; expected a corpus of text files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError(f"{p}: no such file or directory; expected a text file or a directory of .txt files")
+    if not files:
+        raise InputError("no corpus given; pass --corpus FILE_OR_DIR")
+    return files
+
+
+def tokenize_file(path: Path, tokenizer=None) -> np.ndarray:
+    """Token ids of one file plus a trailing <|endoftext|>, as uint16 (GPT-2's ids fit)."""
+    raw = path.read_bytes()
+    key = hashlib.sha256(raw).hexdigest()
+    cached = cache_dir() / f"{key}.u16"
+    if cached.is_file():
+        return np.fromfile(cached, dtype=np.uint16)
+    text = raw.decode("utf-8", errors="replace")
+    if not text.strip():
+        raise InputError(f"{path}: the file is empty (or whitespace only); expected text")
+    if tokenizer is None:
+        from ..synth import hf_tokenizer
+
+        tokenizer = hf_tokenizer()
+    ids = np.array(tokenizer.encode(text) + [GPT2_EOT_ID], dtype=np.uint16)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+    ids.tofile(tmp)
+    os.replace(tmp, cached)
+    return ids
+
+
+def load_tokens(paths: list[Path]) -> np.ndarray:
+    tok = None
+    parts = []
+    for f in corpus_files(paths):
+        if tok is None and not (cache_dir() / f"{hashlib.sha256(f.read_bytes()).hexdigest()}.u16").is_file():
+            from ..synth import hf_tokenizer
+
+            tok = hf_tokenizer()
+        parts.append(tokenize_file(f, tok))
+    return np.concatenate(parts)
+
+
+def split_holdout(files: list[Path], holdout: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(train files, held-out files); every held-out name must be among the corpus files."""
+    names = {h.name for h in holdout}
+    missing = names - {f.name for f in files}
+    if missing:
+        raise InputError(f"held-out file(s) {', '.join(sorted(missing))} are not in the corpus")
+    return [f for f in files if f.name not in names], [f for f in files if f.name in names]
