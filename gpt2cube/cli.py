@@ -91,6 +91,44 @@ def inspect(file: Path, as_json: bool) -> None:
     click.echo(json.dumps(info, indent=2, default=str) if as_json else format_report(info))
 
 
+@main.group(name="eval")
+def eval_group() -> None:
+    """Evaluate a GGUF file in llama.cpp (through llama-cpp-python)."""
+
+
+@eval_group.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="UTF-8 text to score.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Window length; the second half of each is scored.")
+@click.option("--hf", "hf_dir", type=click.Path(path_type=Path), default=None,
+              help="Also score the same windows with transformers on this HF checkpoint.")
+@click.option("--max-windows", type=int, default=None, help="Score only the first N windows (quick runs).")
+@click.option("--threads", type=int, default=None)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def perplexity(model: Path, text_file: Path, ctx: int, hf_dir: Path | None, max_windows: int | None,
+               threads: int | None, quiet: bool, as_json: bool) -> None:
+    """Perplexity of MODEL on a text, computed as llama.cpp's llama-perplexity does."""
+    from .errors import InputError
+    from .eval.perplexity import hf_perplexity, llama_perplexity, read_text
+
+    if not model.is_file():
+        raise InputError(f"{model}: no such model file; expected a GGUF file")
+    text = read_text(text_file)
+    results = [llama_perplexity(model, text, ctx, max_windows=max_windows, n_threads=threads, progress=not quiet)]
+    if hf_dir is not None:
+        results.append(hf_perplexity(hf_dir, text, ctx, max_windows=max_windows, progress=not quiet))
+    if as_json:
+        click.echo(json.dumps([r.as_json() for r in results], indent=2))
+        return
+    for r in results:
+        click.echo(f"{r.engine}: PPL = {r.ppl:.4f} +/- {r.ppl_stderr:.5f} over {r.tokens_scored} tokens "
+                   f"({r.windows} windows of {r.ctx}) in {r.seconds:.1f} s")
+    if len(results) == 2:
+        click.echo(f"relative difference: {abs(results[0].ppl / results[1].ppl - 1) * 100:.3f} %")
+
+
 @main.command()
 @click.option("--corpus", "corpus", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Text file or directory of .txt files (repeatable).")

@@ -54,3 +54,12 @@ def llama_greedy(path: Path, tokens: list[int], n_new: int, *, n_threads: int | 
         return out
     finally:
         llm.close()
+
+
+def model_context(path: Path) -> int:
+    """The context length a GGUF was trained with (`{arch}.context_length`)."""
+    from ..converter.inspect import field_value, read_gguf
+
+    reader = read_gguf(path)
+    arch = field_value(reader, "general.architecture", "gpt2")
+    return int(field_value(reader, f"{arch}.context_length", 0))
