@@ -177,6 +177,44 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
                f"held-out ppl {summary.get('val_ppl')}")
 
 
+@main.group()
+def baseline() -> None:
+    """Baselines measured on the same GPT-2 token stream as the models."""
+
+
+@baseline.command()
+@click.option("--order", type=click.IntRange(1, 5), required=True, help="N of the n-gram model.")
+@click.option("--train", "train_paths", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Training text file or directory of .txt files (repeatable).")
+@click.option("--test", "test_path", required=True, type=click.Path(path_type=Path), help="Text to score.")
+@click.option("--exclude", multiple=True, help="File name among --train to leave out (repeatable), e.g. held-out books.")
+@click.option("--method", type=click.Choice(["kn", "backoff"]), default="kn", show_default=True,
+              help="Interpolated Kneser-Ney or absolute-discount backoff.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Perplexity window, as in eval perplexity.")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def ngram(order: int, train_paths, test_path: Path, exclude, method: str, ctx: int, as_json: bool) -> None:
+    """N-gram perplexity on the GPT-2 token stream, same definition as `eval perplexity`."""
+    import time
+
+    from .eval.perplexity import read_text
+    from .synth import hf_tokenizer
+    from .train.data import corpus_files, load_tokens, split_holdout
+    from .train.ngram import NGramModel, ngram_perplexity
+
+    files, _ = split_holdout(corpus_files([Path(p) for p in train_paths]), [Path(e) for e in exclude])
+    t0 = time.perf_counter()
+    tokens = load_tokens(files)
+    model = NGramModel(order, method).fit(tokens)
+    fit_s = time.perf_counter() - t0
+    test_tokens = hf_tokenizer().encode(read_text(test_path))
+    r = ngram_perplexity(model, test_tokens, ctx)
+    out = {**r.as_json(), "order": order, "method": method, "train_tokens": int(len(tokens)), "fit_seconds": round(fit_s, 2)}
+    click.echo(json.dumps(out, indent=2) if as_json else
+               f"{r.engine}: PPL = {r.ppl:.3f} +/- {r.ppl_stderr:.4f} over {r.tokens_scored} tokens "
+               f"(trained on {len(tokens):,} tokens in {fit_s:.1f} s)")
+
+
 @main.command()
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Where to keep the model and GGUF files (default: a temporary directory).")

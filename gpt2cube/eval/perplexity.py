@@ -67,8 +67,11 @@ def summarise(nlls: np.ndarray, windows: int, ctx: int, seconds: float, engine: 
     return PerplexityResult(ppl, err, mean, n, windows, ctx, seconds, engine)
 
 
-def perplexity(tokens: np.ndarray, ctx: int, window_logits: Callable[[np.ndarray], np.ndarray], engine: str,
-               max_windows: int | None = None, progress: bool = False) -> PerplexityResult:
+def perplexity(tokens: np.ndarray, ctx: int, window_logits: Callable[[np.ndarray], np.ndarray] | None, engine: str,
+               max_windows: int | None = None, progress: bool = False,
+               scorer: Callable[[np.ndarray], np.ndarray] | None = None) -> PerplexityResult:
+    """`window_logits` gives a window's logits (ctx, V); or `scorer` gives the scored tokens'
+    negative log-likelihoods directly (the n-gram models)."""
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -76,7 +79,7 @@ def perplexity(tokens: np.ndarray, ctx: int, window_logits: Callable[[np.ndarray
     nlls = []
     for s in tqdm(starts, desc=f"perplexity ({engine})", unit="window", disable=not progress):
         window = np.asarray(tokens[s : s + ctx])
-        nlls.append(scored_nll(window_logits(window), window))
+        nlls.append(scorer(window) if scorer else scored_nll(window_logits(window), window))
     return summarise(np.concatenate(nlls), len(starts), ctx, time.perf_counter() - t0, engine)
 
 

@@ -1,0 +1,95 @@
+"""N-gram baselines: normalisation, a hand-computed Kneser-Ney example, the closed-form unigram,
+the shared perplexity definition, bad input, and the real corpus when present."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from gpt2cube.cli import main
+from gpt2cube.train.ngram import NGramModel, ngram_perplexity
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.parametrize("method", ["kn", "backoff"])
+@pytest.mark.parametrize("order", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("V,n", [(6, 400), (9, 150)])  # dense: every word follows every context; sparse
+def test_every_context_sums_to_one(method, order, V, n):
+    rng = np.random.default_rng(order * 10 + V)
+    t = rng.integers(0, V, size=n)
+    t[::7] = 2
+    m = NGramModel(order, method, V).fit(t)
+    for h in itertools.product(range(V), repeat=max(order - 1, 1)):
+        p = m.prob(np.array([h] * V), np.arange(V))
+        assert np.all(p > 0)
+        assert abs(p.sum() - 1) < 1e-12, (h, p.sum())
+
+
+def test_kneser_ney_bigram_by_hand():
+    # tokens 0 1 0 1 2: bigrams (0,1) x2, (1,0), (1,2); count-of-counts n1 = 2, n2 = 1 -> D2 = 1/2.
+    # Continuation counts N1+(. w) = 1 for every w (3 bigram types), n1 = 3, n2 = 0 -> D1 = 1, so
+    # P1(w) = (max(1 - 1, 0) + 1 * 3 / 3) / 3 = 1/3.
+    m = NGramModel(2, "kn", 3).fit(np.array([0, 1, 0, 1, 2]))
+    p = lambda h, w: float(m.prob(np.array([[h]]), np.array([w]))[0])  # noqa: E731
+    assert math.isclose(p(0, 1), (2 - 0.5 + 0.5 * 1 / 3) / 2)   # c(0)=2, N1+(0 .)=1
+    assert math.isclose(p(0, 0), (0.5 * 1 / 3) / 2)
+    assert math.isclose(p(1, 0), (1 - 0.5 + 0.5 * 2 / 3) / 2)   # c(1)=2, N1+(1 .)=2
+    assert math.isclose(p(1, 1), (0.5 * 2 / 3) / 2)
+    assert math.isclose(p(2, 1), 1 / 3)                         # unseen context: the unigram
+
+
+def test_unigram_perplexity_closed_form():
+    # counts (2, 1, 1, 0) over N = 4; n1 = 2, n2 = 1 -> D = 1/2; 3 types seen, V = 4:
+    # P(w) = (max(c - 1/2, 0) + 1/2 * 3/4) / 4 -> 0.46875, 0.21875, 0.21875, 0.09375
+    m = NGramModel(1, "kn", 4).fit(np.array([0, 0, 1, 2]))
+    assert np.allclose(m.prob(np.zeros((4, 0)), np.arange(4)), [0.46875, 0.21875, 0.21875, 0.09375])
+    # ctx 4 scores the last token of each window (first = 2 predicts position 3)
+    test = np.array([3, 3, 3, 0, 3, 3, 3, 3, 1, 1, 1, 2])
+    r = ngram_perplexity(m, test, ctx=4)
+    assert r.tokens_scored == 3
+    assert math.isclose(r.ppl, (0.46875 * 0.09375 * 0.21875) ** (-1 / 3))
+
+
+def test_backoff_uses_higher_order_when_seen():
+    t = np.array([0, 1, 2] * 30 + [0, 2])
+    m = NGramModel(3, "backoff", 5).fit(t)
+    seen = float(m.prob(np.array([[0, 1]]), np.array([2]))[0])
+    assert seen > 0.9
+    assert float(m.prob(np.array([[4, 4]]), np.array([2]))[0]) < seen  # unseen context backs off
+
+
+def test_cli_ngram_and_errors(tmp_path):
+    train = tmp_path / "train.txt"
+    train.write_text("the cat sat on the mat. the dog sat on the log. " * 200)
+    test = tmp_path / "test.txt"
+    test.write_text("the cat sat on the log. the dog sat on the mat. " * 40)
+    res = CliRunner().invoke(main, ["baseline", "ngram", "--order", "3", "--train", str(train), "--test", str(test),
+                                    "--ctx", "64", "--json"])
+    assert res.exit_code == 0, res.output
+    assert '"engine": "kn-3gram"' in res.stdout
+    res = CliRunner().invoke(main, ["baseline", "ngram", "--order", "7", "--train", str(train), "--test", str(test)])
+    assert res.exit_code == 2 and "7 is not in the range 1<=x<=5" in res.output
+    res = CliRunner().invoke(main, ["baseline", "ngram", "--order", "2", "--train", str(tmp_path / "no"), "--test", str(test)])
+    assert res.exit_code == 2 and "no: no such file or directory" in res.output
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    res = CliRunner().invoke(main, ["baseline", "ngram", "--order", "2", "--train", str(train), "--test", str(empty)])
+    assert res.exit_code == 2 and "empty.txt: the text is empty" in res.output
+
+
+@pytest.mark.skipif(not (SHARED / "gutenberg" / "books").is_dir(), reason="../shared/data/gutenberg is absent")
+def test_higher_orders_help_on_real_books():
+    from gpt2cube.synth import hf_tokenizer
+
+    books = SHARED / "gutenberg" / "books"
+    tok = hf_tokenizer()
+    train = np.array(tok.encode((books / "pg11.txt").read_text()[:300_000]))
+    test = np.array(tok.encode((books / "pg35.txt").read_text()[:40_000]))
+    ppl = {n: ngram_perplexity(NGramModel(n, "kn").fit(train), test, ctx=128).ppl for n in (1, 2, 3)}
+    assert ppl[1] > ppl[2] > ppl[3] * 0.97  # bigrams help a lot; trigrams at least do not hurt much
