@@ -110,11 +110,9 @@ def eval_group() -> None:
 def perplexity(model: Path, text_file: Path, ctx: int, hf_dir: Path | None, max_windows: int | None,
                threads: int | None, quiet: bool, as_json: bool) -> None:
     """Perplexity of MODEL on a text, computed as llama.cpp's llama-perplexity does."""
-    from .errors import InputError
     from .eval.perplexity import hf_perplexity, llama_perplexity, read_text
 
-    if not model.is_file():
-        raise InputError(f"{model}: no such model file; expected a GGUF file")
+    _require_file(model)
     text = read_text(text_file)
     results = [llama_perplexity(model, text, ctx, max_windows=max_windows, n_threads=threads, progress=not quiet)]
     if hf_dir is not None:
@@ -127,6 +125,150 @@ def perplexity(model: Path, text_file: Path, ctx: int, hf_dir: Path | None, max_
                    f"({r.windows} windows of {r.ctx}) in {r.seconds:.1f} s")
     if len(results) == 2:
         click.echo(f"relative difference: {abs(results[0].ppl / results[1].ppl - 1) * 100:.3f} %")
+
+
+@eval_group.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="SMSSpamCollection (ham|spam<TAB>text).")
+@click.option("--test-fraction", type=float, default=0.2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stratified split.")
+@click.option("--shots", type=int, default=0, show_default=True, help="Few-shot examples in the prompt.")
+@click.option("--limit", type=int, default=None, help="Score a seeded subsample of N test messages.")
+@click.option("--threads", type=int, default=None)
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def spam(model: Path, data: Path, test_fraction: float, seed: int, shots: int, limit: int | None,
+         threads: int | None, quiet: bool, as_json: bool) -> None:
+    """SMS spam classification: prompted label likelihood and a linear probe on embeddings."""
+    from .eval.spam import evaluate_spam
+
+    _require_file(model)
+    r = evaluate_spam(model, data, test_fraction=test_fraction, seed=seed, shots=shots, limit=limit,
+                      n_threads=threads, progress=not quiet)
+    if as_json:
+        click.echo(json.dumps(r, indent=2, default=float))
+        return
+    click.echo(f"{r['test']} test messages ({r['test_spam']} spam), split seed {r['seed']}")
+    for name in ("label_likelihood", "linear_probe"):
+        m = r[name]
+        c = m["confusion"]
+        click.echo(f"{name:>16}: accuracy {m['accuracy']:.4f}  precision {m['precision']:.4f}  recall "
+                   f"{m['recall']:.4f}  F1 {m['f1']:.4f}  [tp {c['tp']} fp {c['fp']} fn {c['fn']} tn {c['tn']}] "
+                   f"{m['seconds']:.1f} s")
+
+
+@eval_group.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="HellaSwag in llama.cpp's text format.")
+@click.option("--limit", type=int, default=None, help="First N tasks only.")
+@click.option("--threads", type=int, default=None)
+@click.option("--quiet", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def hellaswag(model: Path, data: Path, limit: int | None, threads: int | None, quiet: bool, as_json: bool) -> None:
+    """HellaSwag accuracy by length-normalised log-likelihood of each ending."""
+    from .eval.hellaswag import evaluate_hellaswag
+
+    _require_file(model)
+    r = evaluate_hellaswag(model, data, limit=limit, n_threads=threads, progress=not quiet)
+    click.echo(json.dumps(r, indent=2) if as_json else
+               f"HellaSwag: {r['accuracy'] * 100:.2f} % +/- {r['stderr'] * 100:.2f} over {r['tasks']} tasks "
+               f"in {r['seconds']:.1f} s")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, help="Prompt (repeatable); default: four fixed prompts.")
+@click.option("--n-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.8, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quality", is_flag=True, help="Also report distinct-n and repetition rate of the samples.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="GGUF whose perplexity of the samples is reported (with --quality).")
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def generate(model: Path, prompts, n_tokens: int, temperature: float, seed: int, quality: bool,
+             reference: Path | None, threads: int | None, as_json: bool) -> None:
+    """Generate text with MODEL in llama.cpp (and measure sample quality)."""
+    from .eval.generate import DEFAULT_PROMPTS, generate as run_generate, sample_quality
+
+    _require_file(model)
+    prompts = list(prompts) or DEFAULT_PROMPTS
+    if quality:
+        if reference is not None:
+            _require_file(reference)
+        r = sample_quality(model, prompts, reference=reference, n_tokens=n_tokens, seed=seed, n_threads=threads)
+    else:
+        r = {"samples": [{"prompt": p, "text": run_generate(model, p, n_tokens=n_tokens, temperature=temperature,
+                                                            seed=seed + i, n_threads=threads)}
+                         for i, p in enumerate(prompts)]}
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    for s in r["samples"]:
+        click.echo(f"--- {s['prompt']}{s['text']}")
+    for k in ("distinct_1", "distinct_2", "distinct_3", "repetition_rate", "reference_ppl"):
+        if k in r:
+            click.echo(f"{k}: {r[k]:.4f}")
+
+
+@main.command(name="bench")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--n-prompt", type=int, default=512, show_default=True)
+@click.option("--n-gen", type=int, default=128, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def bench_cmd(model: Path, n_prompt: int, n_gen: int, repeats: int, threads: int | None, as_json: bool) -> None:
+    """Load time, prompt and generation speed, peak RSS (median of repeats)."""
+    from .eval.bench import bench
+
+    _require_file(model)
+    r = bench(model, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats, n_threads=threads)
+    click.echo(json.dumps(r, indent=2) if as_json else
+               f"{model.name}: load {r['load_s']:.2f} s, pp{r['n_prompt']} {r['pp_tok_s']:.1f} t/s, "
+               f"tg{r['n_gen']} {r['tg_tok_s']:.1f} t/s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+               f"{r['file_mb']:.1f} MB, {r['threads']} threads")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for results and plots.")
+@click.option("--text", type=click.Path(path_type=Path), default=None, help="Text for perplexity.")
+@click.option("--hf", "hf_dir", type=click.Path(path_type=Path), default=None, help="HF checkpoint: reference PPL.")
+@click.option("--spam", "spam_data", type=click.Path(path_type=Path), default=None, help="SMSSpamCollection.")
+@click.option("--hellaswag", "hellaswag_data", type=click.Path(path_type=Path), default=None)
+@click.option("--ctx", type=int, default=512, show_default=True)
+@click.option("--max-windows", type=int, default=None)
+@click.option("--spam-limit", type=int, default=None)
+@click.option("--hellaswag-limit", type=int, default=200, show_default=True)
+@click.option("--no-bench", is_flag=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--quiet", is_flag=True)
+@_fail_cleanly
+def compare(models, out, text, hf_dir, spam_data, hellaswag_data, ctx, max_windows, spam_limit, hellaswag_limit,
+            no_bench, threads, quiet) -> None:
+    """Run the evaluations for each MODEL and write results.json, a table and plots to --out."""
+    from .eval.report import run_compare
+
+    for m in models:
+        _require_file(m)
+    r = run_compare(list(models), out, text=text, hf=hf_dir, spam=spam_data, hellaswag=hellaswag_data, ctx=ctx,
+                    max_windows=max_windows, spam_limit=spam_limit, hellaswag_limit=hellaswag_limit,
+                    do_bench=not no_bench, n_threads=threads, progress=not quiet, log=_log)
+    from .eval.report import markdown_table
+
+    click.echo(markdown_table(r))
+
+
+def _require_file(path: Path) -> None:
+    from .errors import InputError
+
+    if not path.is_file():
+        raise InputError(f"{path}: no such model file; expected a GGUF file")
 
 
 @main.command()

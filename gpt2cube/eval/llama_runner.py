@@ -17,7 +17,7 @@ KV_F32, KV_F16 = 0, 1
 
 
 def load_llama(path: Path, *, n_ctx: int = 512, logits_all: bool = False, n_threads: int | None = None,
-               kv_f32: bool = False):
+               kv_f32: bool = False, embedding: bool = False):
     """A llama_cpp.Llama on `path`. `kv_f32` keeps the KV cache in f32 (llama.cpp's default is
     f16), so comparisons with transformers measure the file rather than the cache's rounding."""
     from llama_cpp import Llama
@@ -26,6 +26,7 @@ def load_llama(path: Path, *, n_ctx: int = 512, logits_all: bool = False, n_thre
     return Llama(
         model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
         n_threads=n_threads or default_threads(), verbose=False, seed=0, type_k=kv, type_v=kv,
+        embedding=embedding,
     )
 
 

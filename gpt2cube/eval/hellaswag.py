@@ -1,0 +1,93 @@
+"""HellaSwag in llama.cpp's text format: 6 lines per task (context, gold ending index 0-3, four
+endings). Each candidate is context + " " + ending; as llama.cpp's `--hellaswag` does, the score
+of an ending is the mean log-probability of its tokens after the prefix the four candidates
+share (length-normalised), and the task is right when the gold ending scores highest.
+Accuracy is reported with its standard error sqrt(p (1 - p) / n).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+
+@dataclass
+class Task:
+    context: str
+    gold: int
+    endings: list[str]
+
+
+def read_hellaswag(path: Path, limit: int | None = None) -> list[Task]:
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; expected HellaSwag in llama.cpp's 6-lines-per-task format")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) % 6:
+        raise InputError(f"{path}: {len(lines)} lines is not a multiple of 6 (context, gold index, 4 endings per task)")
+    tasks = []
+    for i in range(0, len(lines), 6):
+        gold = lines[i + 1].strip()
+        if gold not in ("0", "1", "2", "3"):
+            raise InputError(f"{path}:{i + 2}: gold ending index {gold!r}; expected 0, 1, 2 or 3")
+        tasks.append(Task(lines[i], int(gold), lines[i + 2 : i + 6]))
+        if limit and len(tasks) >= limit:
+            break
+    if not tasks:
+        raise InputError(f"{path}: no tasks")
+    return tasks
+
+
+def ending_scores(seq_logprobs: list[np.ndarray], prefix: int) -> np.ndarray:
+    """Mean log-probability of each candidate's tokens from position `prefix` on.
+
+    seq_logprobs[s][j] = log P(token j | tokens < j) for candidate s (entry 0 unused)."""
+    return np.array([lp[prefix:].mean() for lp in seq_logprobs])
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    k = 0
+    while k < n - 1 and all(s[k] == seqs[0][k] for s in seqs):
+        k += 1
+    return max(k, 1)
+
+
+def evaluate_hellaswag(model: Path, data: Path, *, limit: int | None = None, n_threads: int | None = None,
+                       progress: bool = False) -> dict:
+    from tqdm import tqdm
+
+    from .llama_runner import load_llama, model_context
+
+    tasks = read_hellaswag(data, limit)
+    n_ctx = min(512, model_context(model))
+    llm = load_llama(model, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
+    t0 = time.perf_counter()
+    correct = 0
+    try:
+        for task in tqdm(tasks, desc="hellaswag", unit="task", disable=not progress):
+            seqs = [llm.tokenize(f"{task.context} {e}".encode("utf-8"), add_bos=False)[-n_ctx:] for e in task.endings]
+            prefix = _common_prefix(seqs)
+            lps = []
+            for s in seqs:
+                llm.reset()
+                llm.eval(s)
+                lg = np.asarray(llm.scores[: len(s)], dtype=np.float64)
+                m = lg.max(axis=1, keepdims=True)
+                logz = m[:, 0] + np.log(np.exp(lg - m).sum(axis=1))
+                lp = np.zeros(len(s))
+                lp[1:] = lg[np.arange(len(s) - 1), s[1:]] - logz[:-1]
+                lps.append(lp)
+            correct += int(np.argmax(ending_scores(lps, prefix)) == task.gold)
+    finally:
+        llm.close()
+    acc = correct / len(tasks)
+    return {"model": str(model), "tasks": len(tasks), "accuracy": acc,
+            "stderr": math.sqrt(acc * (1 - acc) / len(tasks)), "seconds": time.perf_counter() - t0}

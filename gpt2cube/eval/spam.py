@@ -1,0 +1,181 @@
+"""SMS spam classification with a GGUF model run by llama.cpp: the seed's baseline for fp vs
+quantized vs fine-tuned models.
+
+Data: the SMS Spam Collection format, one message per line, `ham|spam<TAB>text`. A fixed,
+seeded, stratified split (each class shuffled with the seed, the first `test_fraction` of each
+goes to test). Two methods, both reported, spam = positive class:
+ (a) prompted label likelihood: after a short prompt (optionally few-shot, examples drawn from
+     the train split) the model's log-probabilities of the next tokens " spam" and " ham"
+     (single GPT-2 tokens); the decision threshold on their difference is fitted on train
+     messages (maximum F1), because raw label likelihoods of small models are biased;
+ (b) linear probe: mean-pooled final hidden states from llama.cpp's embedding output,
+     standardised, L2-regularised logistic regression fitted on the train split (numpy,
+     Newton's method).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+LABELS = ("ham", "spam")
+PROMPT = "Is this SMS message spam or ham?\n"
+
+
+@dataclass
+class Message:
+    label: int  # 1 = spam
+    text: str
+
+
+def read_sms(path: Path) -> list[Message]:
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; expected the SMS Spam Collection (ham|spam<TAB>text per line)")
+    out = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        label, sep, text = line.partition("\t")
+        if not sep or label not in LABELS or not text.strip():
+            raise InputError(f"{path}:{n}: expected 'ham' or 'spam', a tab, then the message; got {line[:60]!r}")
+        out.append(Message(LABELS.index(label), text.strip()))
+    if not out:
+        raise InputError(f"{path}: no messages")
+    if len({m.label for m in out}) < 2:
+        raise InputError(f"{path}: only one class present; expected both ham and spam")
+    return out
+
+
+def stratified_split(msgs: list[Message], test_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Indices (train, test); each class contributes the same fraction to test."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for label in (0, 1):
+        idx = np.array([i for i, m in enumerate(msgs) if m.label == label])
+        rng.shuffle(idx)
+        k = max(1, int(round(len(idx) * test_fraction)))
+        test += idx[:k].tolist()
+        train += idx[k:].tolist()
+    return sorted(train), sorted(test)
+
+
+def metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    y_true, y_pred = np.asarray(y_true, bool), np.asarray(y_pred, bool)
+    tp, fp = int((y_true & y_pred).sum()), int((~y_true & y_pred).sum())
+    fn, tn = int((y_true & ~y_pred).sum()), int((~y_true & ~y_pred).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / len(y_true), "precision": precision, "recall": recall, "f1": f1,
+            "confusion": {"tp": tp, "fp": fp, "fn": fn, "tn": tn}}
+
+
+def best_threshold(scores: np.ndarray, y: np.ndarray) -> float:
+    """Threshold on scores (predict spam when score > t) maximising F1."""
+    candidates = np.unique(scores)
+    best_t, best_f1 = float(candidates[0]) - 1, -1.0
+    for t in candidates:
+        f1 = metrics(y, scores > t)["f1"]
+        if f1 > best_f1:
+            best_t, best_f1 = float(t), f1
+    return best_t
+
+
+def logistic_regression(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 25) -> np.ndarray:
+    """Weights (d + 1,) with bias last; Newton's method on the L2-penalised log-loss."""
+    X = np.hstack([x, np.ones((len(x), 1))])
+    w = np.zeros(X.shape[1])
+    reg = np.full(X.shape[1], l2)
+    reg[-1] = 0.0
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-np.clip(X @ w, -30, 30)))
+        grad = X.T @ (p - y) + reg * w
+        hess = (X * (p * (1 - p))[:, None]).T @ X + np.diag(reg) + 1e-9 * np.eye(len(w))
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return w
+
+
+def _prompt(text: str, shots: list[Message]) -> str:
+    demo = "".join(f"Message: {m.text}\nAnswer: {LABELS[m.label]}\n\n" for m in shots)
+    return f"{PROMPT}\n{demo}Message: {text}\nAnswer:"
+
+
+def label_scores(llm, texts: list[str], shots: list[Message], max_tokens: int) -> np.ndarray:
+    """log P(" spam") - log P(" ham") as the next token after each prompt."""
+    spam_id, ham_id = llm.tokenize(b" spam", add_bos=False)[0], llm.tokenize(b" ham", add_bos=False)[0]
+    out = np.empty(len(texts))
+    for i, text in enumerate(texts):
+        toks = llm.tokenize(_prompt(text, shots).encode("utf-8"), add_bos=False)[-max_tokens:]
+        llm.reset()
+        llm.eval(toks)
+        logits = np.asarray(llm.scores[len(toks) - 1], dtype=np.float64)
+        out[i] = logits[spam_id] - logits[ham_id]  # the log-softmax normaliser cancels
+    return out
+
+
+def embed_mean(llm, texts: list[str], max_tokens: int) -> np.ndarray:
+    feats = []
+    for text in texts:
+        toks = llm.tokenize(text.encode("utf-8"), add_bos=False)[:max_tokens] or llm.tokenize(b" ", add_bos=False)
+        llm.reset()
+        e = np.asarray(llm.embed(llm.detokenize(toks).decode("utf-8", errors="replace")), dtype=np.float64)
+        feats.append(e.mean(axis=0) if e.ndim == 2 else e)
+    return np.vstack(feats)
+
+
+def evaluate_spam(model: Path, data: Path, *, test_fraction: float = 0.2, seed: int = 0, shots: int = 0,
+                  calib: int = 300, limit: int | None = None, n_threads: int | None = None,
+                  progress: bool = False) -> dict:
+    from tqdm import tqdm
+
+    from .llama_runner import load_llama, model_context
+
+    msgs = read_sms(data)
+    train, test = stratified_split(msgs, test_fraction, seed)
+    rng = np.random.default_rng(seed + 1)
+    if limit:  # a stratified subsample of the test split, for quick runs
+        test = sorted(rng.choice(test, size=min(limit, len(test)), replace=False).tolist())
+    calib_idx = sorted(rng.choice(train, size=min(calib, len(train)), replace=False).tolist())
+    shot_msgs = [msgs[i] for i in rng.choice(train, size=shots, replace=False)] if shots else []
+    y_train = np.array([msgs[i].label for i in train])
+    y_test = np.array([msgs[i].label for i in test])
+    n_ctx = min(512, model_context(model))
+    result: dict = {"model": str(model), "data": str(data), "train": len(train), "test": len(test),
+                    "test_spam": int(y_test.sum()), "seed": seed, "shots": shots}
+
+    t0 = time.perf_counter()
+    llm = load_llama(model, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
+    try:
+        bar = tqdm(total=len(calib_idx) + len(test), desc="spam: label likelihood", disable=not progress,
+                   file=__import__("sys").stderr)
+        cal = label_scores(llm, [msgs[i].text for i in calib_idx], shot_msgs, n_ctx - 1)
+        bar.update(len(calib_idx))
+        scores = label_scores(llm, [msgs[i].text for i in test], shot_msgs, n_ctx - 1)
+        bar.update(len(test))
+        bar.close()
+    finally:
+        llm.close()
+    threshold = best_threshold(cal, np.array([msgs[i].label for i in calib_idx]))
+    result["label_likelihood"] = {**metrics(y_test, scores > threshold), "threshold": threshold,
+                                  "calibration_messages": len(calib_idx), "seconds": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    llm = load_llama(model, n_ctx=n_ctx, n_threads=n_threads, embedding=True)
+    try:
+        x_train = embed_mean(llm, [msgs[i].text for i in train], n_ctx)
+        x_test = embed_mean(llm, [msgs[i].text for i in test], n_ctx)
+    finally:
+        llm.close()
+    mu, sd = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+    w = logistic_regression((x_train - mu) / sd, y_train)
+    p = 1 / (1 + np.exp(-np.clip(np.hstack([(x_test - mu) / sd, np.ones((len(x_test), 1))]) @ w, -30, 30)))
+    result["linear_probe"] = {**metrics(y_test, p > 0.5), "seconds": time.perf_counter() - t0}
+    return result
