@@ -44,3 +44,15 @@ def print_report(rows: list[dict], meta: dict, json_path: Path | None) -> None:
 
 
 PY = sys.executable
+
+
+def build_checkpoint(workdir: Path) -> Path:
+    """Built in a child process: a child's peak RSS includes its parent's image at fork time, so
+    the parent must not load torch and a 124M model before timing conversions."""
+    src = workdir / "gpt2-124m-random"
+    if not (src / "model.safetensors").exists():
+        code = ("from pathlib import Path; from gpt2cube.synth import make_random_gpt2; "
+                f"make_random_gpt2(Path({str(src)!r}), n_layer=12, n_embd=768, n_head=12, n_positions=1024, "
+                "vocab_size=50257, write_n_ctx=True)")
+        run_measured([PY, "-c", code])
+    return src

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PY, median_of, print_report, run_measured  # noqa: E402
+from _common import PY, build_checkpoint, median_of, print_report, run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> extra CLI arguments
@@ -52,18 +52,6 @@ p.ftype = int(sys.argv[3]); p.nthread = {threads}
 rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(p))
 sys.exit(rc)
 """
-
-
-def build_checkpoint(workdir: Path) -> Path:
-    """Built in a child process: a child's peak RSS includes its parent's image at fork time, so
-    the parent must not load torch and a 124M model before timing conversions."""
-    src = workdir / "gpt2-124m-random"
-    if not (src / "model.safetensors").exists():
-        code = ("from pathlib import Path; from gpt2cube.synth import make_random_gpt2; "
-                f"make_random_gpt2(Path({str(src)!r}), n_layer=12, n_embd=768, n_head=12, n_positions=1024, "
-                "vocab_size=50257, write_n_ctx=True)")
-        run_measured([PY, "-c", code])
-    return src
 
 
 def weight_rmse(gguf_path: Path, src: Path) -> tuple[float | None, float | None]:

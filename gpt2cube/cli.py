@@ -358,15 +358,18 @@ def ngram(order: int, train_paths, test_path: Path, exclude, method: str, ctx: i
 
 
 @main.command()
+@click.option("--model", type=click.Path(path_type=Path), default=None,
+              help="HF checkpoint [default: models/reference, or a random GPT-2 when absent].")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
-              help="Where to keep the model and GGUF files (default: a temporary directory).")
+              help="Where to keep the GGUF files (default: a temporary directory).")
+@click.option("--max-windows", type=int, default=40, show_default=True, help="Perplexity windows of 512 per type.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @_fail_cleanly
-def demo(workdir: Path | None, as_json: bool) -> None:
-    """The main job: convert a model to every type, run each in llama.cpp, compare with transformers."""
+def demo(model: Path | None, workdir: Path | None, max_windows: int, as_json: bool) -> None:
+    """The main job: convert the reference model to every type, run each in llama.cpp, one table."""
     from .demo import format_table, run_demo
 
-    rows = run_demo(workdir, log=_log)
+    rows = run_demo(workdir, log=_log, model=model, max_windows=max_windows)
     click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
 
 

@@ -1,9 +1,11 @@
-"""The README's main job: convert a model to every registered type, run each file in llama.cpp
-and print sizes and agreement with transformers.
+"""The README's main job: convert the embedded default model to every registered type, run each
+file in llama.cpp, and print one table: size, bits per weight, held-out perplexity, speed, and
+agreement of llama.cpp's logits with transformers on a fixed text.
 
-Until the reference model ships (models/reference/), the model is a random GPT-2 built here;
-agreement is measured on logits of a fixed text, so it means "the file computes what the
-checkpoint computes", not "the model is good".
+The default model is the shipped reference GPT-2 (models/reference/, trained on Project
+Gutenberg by `gpt2cube train`); its held-out perplexity is measured on a book it never saw
+(The Time Machine, pg35) when ../shared/data is present. Without the reference checkpoint the
+job falls back to a random GPT-2, where only agreement and speed mean anything.
 """
 
 from __future__ import annotations
@@ -19,44 +21,65 @@ from .converter import convert
 from .converter.inspect import inspect_gguf
 from .eval.llama_runner import llama_logits
 from .kernels import QUANT_TYPES
-from .synth import hf_logits, hf_tokenizer, make_random_gpt2
 
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "models" / "reference"
+HELD_OUT_BOOK = ROOT.parent / "shared" / "data" / "gutenberg" / "books" / "pg35.txt"
 TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
     "age of foolishness, it was the epoch of belief, it was the epoch of incredulity."
 )
 
 
-def run_demo(workdir: Path | None, log: Callable[[str], None]) -> list[dict]:
+def run_demo(workdir: Path | None, log: Callable[[str], None], model: Path | None = None,
+             max_windows: int = 40, types: list[str] | None = None) -> list[dict]:
+    from .eval.bench import bench
+    from .eval.perplexity import llama_perplexity
+    from .synth import hf_logits, hf_tokenizer, make_random_gpt2
+
     with tempfile.TemporaryDirectory(prefix="gpt2cube-demo-") as tmp:
         root = Path(workdir) if workdir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        log(f"building a random GPT-2 (4 x 256, vocab 50257) in {root / 'model'}")
-        src, model = make_random_gpt2(root / "model", n_layer=4, n_embd=256, n_head=4, init_std=0.1)
+        model = model or (REFERENCE if (REFERENCE / "config.json").is_file() else None)
+        if model is None:
+            log(f"no reference model at {REFERENCE}; building a random GPT-2 (4 x 256) in {root / 'model'}")
+            src, hf = make_random_gpt2(root / "model", n_layer=4, n_embd=256, n_head=4, init_std=0.1)
+        else:
+            import torch
+            from transformers import GPT2LMHeadModel
+
+            src, hf = model, GPT2LMHeadModel.from_pretrained(model, dtype=torch.float32).eval()
+            log(f"model: {src}")
         tokens = hf_tokenizer().encode(TEXT)
-        ref = hf_logits(model, tokens)
+        ref = hf_logits(hf, tokens)
+        book = HELD_OUT_BOOK.read_text(encoding="utf-8") if model is not None and HELD_OUT_BOOK.is_file() else None
+        if model is not None and book is None:
+            log(f"{HELD_OUT_BOOK} is absent: no held-out perplexity column")
         rows = []
-        for name in QUANT_TYPES:
+        for name in types or list(QUANT_TYPES):
             out = root / f"model-{name}.gguf"
             t0 = time.perf_counter()
             convert(src, out, name, force=True, progress=False, log=log)
             seconds = time.perf_counter() - t0
             got = llama_logits(out, tokens)
-            info = inspect_gguf(out)
-            rows.append({
-                "type": name,
-                "file_mb": round(out.stat().st_size / 1e6, 3),
-                "bits_per_weight": info["bits_per_weight"],
-                "convert_s": round(seconds, 2),
-                "max_err_over_std": round(float(np.abs(got - ref).max() / ref.std()), 5),
-                "top1_agreement": round(float((got.argmax(1) == ref.argmax(1)).mean()), 4),
-            })
+            row = {"type": name, "file_mb": round(out.stat().st_size / 1e6, 2),
+                   "bits_per_weight": round(inspect_gguf(out)["bits_per_weight"], 3),
+                   "convert_s": round(seconds, 2)}
+            if book is not None:
+                r = llama_perplexity(out, book, 512, max_windows=max_windows)
+                row["held_out_ppl"] = round(r.ppl, 2)
+                row["ppl_stderr"] = round(r.ppl_stderr, 2)
+            b = bench(out, n_prompt=256, n_gen=64, repeats=2)
+            row["pp256_t_s"], row["tg64_t_s"] = round(b["pp_tok_s"]), round(b["tg_tok_s"])
+            row["max_err_over_std"] = round(float(np.abs(got - ref).max() / ref.std()), 4)
+            row["top1_agreement"] = round(float((got.argmax(1) == ref.argmax(1)).mean()), 3)
+            rows.append(row)
             log(f"{name}: done")
         return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
