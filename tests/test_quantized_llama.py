@@ -58,8 +58,6 @@ def test_ternary_types_and_default_embed_type(checkpoints, tmp_path):
 
 def test_ternary_of_ternary_model_is_lossless(checkpoints, tmp_path):
     """Re-converting the dequantized ternary weights gives the same tensors, bit for bit."""
-    import torch
-
     src, _ = checkpoints["small"]
     first = tmp_path / "first.gguf"
     convert(src, first, "tq2_0", progress=False)
@@ -72,7 +70,6 @@ def test_ternary_of_ternary_model_is_lossless(checkpoints, tmp_path):
     a = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(first).tensors if t.tensor_type.name == "TQ2_0"}
     b = {t.name: np.asarray(t.data).tobytes() for t in GGUFReader(second).tensors if t.tensor_type.name == "TQ2_0"}
     assert a == b and len(a) == 8
-    del torch
 
 
 def test_recipe_is_honoured_tensor_by_tensor(checkpoints, tmp_path):
