@@ -13,6 +13,7 @@ import click
 from . import __version__
 from .errors import Gpt2cubeError
 from .kernels import QUANT_TYPES
+from .train.trainer import PRESETS  # light: torch is imported only when training starts
 
 
 def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -275,7 +276,7 @@ def _require_file(path: Path) -> None:
 @click.option("--corpus", "corpus", multiple=True, required=True, type=click.Path(path_type=Path),
               help="Text file or directory of .txt files (repeatable).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output checkpoint directory.")
-@click.option("--preset", type=click.Choice(sorted(__import__("gpt2cube.train.trainer", fromlist=["PRESETS"]).PRESETS)),
+@click.option("--preset", type=click.Choice(sorted(PRESETS)),
               default=None, help="Model shape; --n-layer/--n-embd/--n-head/--ctx override it.")
 @click.option("--n-layer", type=int, default=None)
 @click.option("--n-embd", type=int, default=None)
@@ -298,7 +299,7 @@ def _require_file(path: Path) -> None:
 def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size, lr, warmup_steps, eval_every,
           holdout, seed, device, threads, resume, quiet, as_json) -> None:
     """Train a GPT-2 from scratch and write a Hugging Face checkpoint that `convert` takes."""
-    from .train.trainer import PRESETS, TrainConfig, train as run_train
+    from .train.trainer import TrainConfig, train as run_train
 
     shape = dict(zip(("n_layer", "n_embd", "n_head", "ctx"), PRESETS[preset or "reference"]))
     for key, value in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head), ("ctx", ctx)):

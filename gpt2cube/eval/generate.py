@@ -50,6 +50,7 @@ def repetition_rate(token_lists: list[list[int]], window: int = 16) -> float:
 def reference_perplexity(reference: Path, prompts: list[str], samples: list[str], n_threads: int | None = None) -> float:
     """Perplexity of the sample tokens (not the prompts) under `reference`."""
     from .llama_runner import load_llama, model_context
+    from .perplexity import token_logprobs
 
     llm = load_llama(reference, n_ctx=min(512, model_context(reference)), logits_all=True, n_threads=n_threads)
     nll, count = 0.0, 0
@@ -62,12 +63,9 @@ def reference_perplexity(reference: Path, prompts: list[str], samples: list[str]
                 continue
             llm.reset()
             llm.eval(toks)
-            lg = np.asarray(llm.scores[: len(toks)], dtype=np.float64)
-            for j in range(len(pt), len(toks)):
-                row = lg[j - 1]
-                m = row.max()
-                nll += m + math.log(np.exp(row - m).sum()) - row[toks[j]]
-                count += 1
+            lp = token_logprobs(llm.scores[len(pt) - 1 : len(toks) - 1], np.asarray(toks[len(pt):]))
+            nll -= float(lp.sum())
+            count += len(lp)
     finally:
         llm.close()
     return math.exp(nll / count) if count else float("nan")

@@ -65,6 +65,7 @@ def evaluate_hellaswag(model: Path, data: Path, *, limit: int | None = None, n_t
     from tqdm import tqdm
 
     from .llama_runner import load_llama, model_context
+    from .perplexity import token_logprobs
 
     tasks = read_hellaswag(data, limit)
     n_ctx = min(512, model_context(model))
@@ -79,11 +80,8 @@ def evaluate_hellaswag(model: Path, data: Path, *, limit: int | None = None, n_t
             for s in seqs:
                 llm.reset()
                 llm.eval(s)
-                lg = np.asarray(llm.scores[: len(s)], dtype=np.float64)
-                m = lg.max(axis=1, keepdims=True)
-                logz = m[:, 0] + np.log(np.exp(lg - m).sum(axis=1))
                 lp = np.zeros(len(s))
-                lp[1:] = lg[np.arange(len(s) - 1), s[1:]] - logz[:-1]
+                lp[1:] = token_logprobs(llm.scores[: len(s) - 1], np.asarray(s[1:]))
                 lps.append(lp)
             correct += int(np.argmax(ending_scores(lps, prefix)) == task.gold)
     finally:

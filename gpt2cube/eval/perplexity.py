@@ -48,14 +48,19 @@ def window_starts(n_tokens: int, ctx: int, max_windows: int | None = None) -> li
     return [i * ctx for i in range(n)]
 
 
+def token_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log softmax(logits[i])[targets[i]] for each row i, in float64."""
+    lg = np.asarray(logits, dtype=np.float64)
+    m = lg.max(axis=1, keepdims=True)
+    logz = m[:, 0] + np.log(np.exp(lg - m).sum(axis=1))
+    return lg[np.arange(len(lg)), targets] - logz
+
+
 def scored_nll(logits: np.ndarray, window: np.ndarray) -> np.ndarray:
     """Negative log-likelihoods of tokens first+1 .. ctx-1 from logits (ctx or more rows, V)."""
     ctx = len(window)
     first = ctx // 2
-    lg = logits[first : ctx - 1].astype(np.float64)
-    m = lg.max(axis=1, keepdims=True)
-    logz = m[:, 0] + np.log(np.exp(lg - m).sum(axis=1))
-    return logz - lg[np.arange(len(lg)), window[first + 1 :]]
+    return -token_logprobs(logits[first : ctx - 1], window[first + 1 :])
 
 
 def summarise(nlls: np.ndarray, windows: int, ctx: int, seconds: float, engine: str) -> PerplexityResult:

@@ -4,6 +4,7 @@ table and PNG plots (size vs perplexity, speed per file, spam F1 per file)."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,7 +38,7 @@ def run_compare(models: list[Path], out: Path, *, text: Path | None = None, hf: 
              and (job != "bench" or do_bench)]
     rows: dict[str, dict] = {}
     results: dict = {"schema": RESULTS_SCHEMA_VERSION, "created_s": round(time.time()), "models": []}
-    with tqdm(total=len(steps) + (1 if hf and text else 0), desc="compare", file=__import__("sys").stderr,
+    with tqdm(total=len(steps) + (1 if hf and text else 0), desc="compare", file=sys.stderr,
               disable=not progress) as bar:
         if hf and text:
             results["hf_reference"] = hf_perplexity(hf, text_str, ctx, max_windows=max_windows).as_json()

@@ -15,6 +15,7 @@ goes to test). Two methods, both reported, spam = positive class:
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,11 @@ def best_threshold(scores: np.ndarray, y: np.ndarray) -> float:
     return best_t
 
 
+def predict_proba(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """P(spam) for features x (n, d) under weights (d + 1,) with the bias last."""
+    return 1 / (1 + np.exp(-np.clip(x @ w[:-1] + w[-1], -30, 30)))
+
+
 def logistic_regression(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: int = 25) -> np.ndarray:
     """Weights (d + 1,) with bias last; Newton's method on the L2-penalised log-loss."""
     X = np.hstack([x, np.ones((len(x), 1))])
@@ -93,7 +99,7 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: in
     reg = np.full(X.shape[1], l2)
     reg[-1] = 0.0
     for _ in range(iters):
-        p = 1 / (1 + np.exp(-np.clip(X @ w, -30, 30)))
+        p = predict_proba(x, w)
         grad = X.T @ (p - y) + reg * w
         hess = (X * (p * (1 - p))[:, None]).T @ X + np.diag(reg) + 1e-9 * np.eye(len(w))
         step = np.linalg.solve(hess, grad)
@@ -155,7 +161,7 @@ def evaluate_spam(model: Path, data: Path, *, test_fraction: float = 0.2, seed: 
     llm = load_llama(model, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
     try:
         bar = tqdm(total=len(calib_idx) + len(test), desc="spam: label likelihood", disable=not progress,
-                   file=__import__("sys").stderr)
+                   file=sys.stderr)
         cal = label_scores(llm, [msgs[i].text for i in calib_idx], shot_msgs, n_ctx - 1)
         bar.update(len(calib_idx))
         scores = label_scores(llm, [msgs[i].text for i in test], shot_msgs, n_ctx - 1)
@@ -176,6 +182,6 @@ def evaluate_spam(model: Path, data: Path, *, test_fraction: float = 0.2, seed: 
         llm.close()
     mu, sd = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
     w = logistic_regression((x_train - mu) / sd, y_train)
-    p = 1 / (1 + np.exp(-np.clip(np.hstack([(x_test - mu) / sd, np.ones((len(x_test), 1))]) @ w, -30, 30)))
+    p = predict_proba((x_test - mu) / sd, w)
     result["linear_probe"] = {**metrics(y_test, p > 0.5), "seconds": time.perf_counter() - t0}
     return result

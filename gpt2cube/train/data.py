@@ -41,7 +41,8 @@ def corpus_files(paths: list[Path]) -> list[Path]:
 
 
 def tokenize_file(path: Path, tokenizer=None) -> np.ndarray:
-    """Token ids of one file plus a trailing <|endoftext|>, as uint16 (GPT-2's ids fit)."""
+    """Token ids of one file plus a trailing <|endoftext|>, as uint16 (GPT-2's ids fit).
+    `tokenizer` may be a zero-argument callable returning one, called only on a cache miss."""
     raw = path.read_bytes()
     key = hashlib.sha256(raw).hexdigest()
     cached = cache_dir() / f"{key}.u16"
@@ -51,9 +52,9 @@ def tokenize_file(path: Path, tokenizer=None) -> np.ndarray:
     if not text.strip():
         raise InputError(f"{path}: the file is empty (or whitespace only); expected text")
     if tokenizer is None:
-        from ..synth import hf_tokenizer
-
-        tokenizer = hf_tokenizer()
+        from ..synth import hf_tokenizer as tokenizer
+    if callable(tokenizer) and not hasattr(tokenizer, "encode"):
+        tokenizer = tokenizer()
     ids = np.array(tokenizer.encode(text) + [GPT2_EOT_ID], dtype=np.uint16)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
@@ -63,15 +64,12 @@ def tokenize_file(path: Path, tokenizer=None) -> np.ndarray:
 
 
 def load_tokens(paths: list[Path]) -> np.ndarray:
-    tok = None
-    parts = []
-    for f in corpus_files(paths):
-        if tok is None and not (cache_dir() / f"{hashlib.sha256(f.read_bytes()).hexdigest()}.u16").is_file():
-            from ..synth import hf_tokenizer
+    from functools import lru_cache
 
-            tok = hf_tokenizer()
-        parts.append(tokenize_file(f, tok))
-    return np.concatenate(parts)
+    from ..synth import hf_tokenizer
+
+    shared = lru_cache(maxsize=1)(hf_tokenizer)  # built once, and only if some file is not cached
+    return np.concatenate([tokenize_file(f, shared) for f in corpus_files(paths)])
 
 
 def split_holdout(files: list[Path], holdout: list[Path]) -> tuple[list[Path], list[Path]]:
