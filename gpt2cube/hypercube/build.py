@@ -1,0 +1,103 @@
+"""What `convert --hypercube-dim D --calib TEXT [--concepts FILE]` does before writing: run the
+checkpoint in transformers on the calibration text, fit the routers, group the neurons, embed the
+concepts; then, while the converter streams tensors, permute each FFN into vertex order."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+from .calibrate import Calibration, calibrate, calibration_tokens
+from .concepts import ConceptMap, build_concept_map, read_concepts
+from .topology import MAX_DIM, Hypercube
+
+
+@dataclass
+class HypercubeOptions:
+    dim: int
+    calib: Path
+    calib_tokens: int = 8192
+    concepts: Path | None = None
+    concept_layer: int | None = None  # default: the middle layer
+
+
+@dataclass
+class HypercubeBuild:
+    calibration: Calibration
+    concepts: ConceptMap | None
+
+    _FFN = re.compile(r"blk\.(\d+)\.ffn_(up|down)\.(weight|bias)$")
+
+    def permute(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
+        """Reorder FFN neurons into vertex groups; other tensors pass through. `data` is in GGUF
+        layout: ffn_up (F, E) rows are neurons, ffn_down (E, F) columns are neurons."""
+        m = self._FFN.match(gguf_name)
+        if not m or (m[2] == "down" and m[3] == "bias"):
+            return data
+        perm = self.calibration.layers[int(m[1])].perm
+        return data[:, perm] if m[2] == "down" else data[perm]
+
+
+def check_options(opts: HypercubeOptions, n_ff: int, n_layer: int, down_block: int, down_type: str) -> None:
+    if not 1 <= opts.dim <= MAX_DIM:
+        raise InputError(f"--hypercube-dim {opts.dim}; expected 1..{MAX_DIM}")
+    cube = Hypercube(opts.dim)
+    if n_ff % cube.n_vertices:
+        raise InputError(f"--hypercube-dim {opts.dim}: n_ff {n_ff} is not divisible by {cube.n_vertices} vertex groups")
+    g = n_ff // cube.n_vertices
+    if g % down_block:
+        raise InputError(
+            f"--hypercube-dim {opts.dim}: groups of {g} neurons do not fill whole {down_type} blocks of {down_block} "
+            f"in ffn_down's rows, so the routed engine could not slice them; use a smaller dimension "
+            f"(n_ff {n_ff} / 2^d must be a multiple of {down_block}) or a type with smaller blocks for ffn_down")
+    if not opts.calib.is_file():
+        raise InputError(f"{opts.calib}: no such calibration text; expected a UTF-8 text file")
+    if opts.concepts is not None and not opts.concepts.is_file():
+        raise InputError(f"{opts.concepts}: no such concepts file; expected lines of 'name: text'")
+    if opts.calib_tokens < 64:
+        raise InputError(f"--calib-tokens {opts.calib_tokens}; expected at least 64")
+    if opts.concept_layer is not None and not 0 <= opts.concept_layer < n_layer:
+        raise InputError(f"--concept-layer {opts.concept_layer}; expected 0..{n_layer - 1}")
+
+
+def hf_model(ckpt, arch):
+    """A transformers GPT-2 holding exactly the checkpoint's weights, read by our own loader (so
+    every layout `convert` takes works here too)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_layer=arch.n_layer, n_embd=arch.n_embd, n_head=arch.n_head, n_positions=arch.n_ctx,
+                     n_inner=arch.n_ff, vocab_size=arch.n_vocab, layer_norm_epsilon=arch.eps,
+                     activation_function=ckpt.config.get("activation_function", "gelu_new"),
+                     tie_word_embeddings=arch.tied)
+    model = GPT2LMHeadModel(cfg).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for spec in arch.tensor_specs():
+            name = spec.src_name if spec.src_name.startswith(("transformer.", "lm_head.")) else f"transformer.{spec.src_name}"
+            params[name].copy_(torch.from_numpy(np.ascontiguousarray(ckpt.load(spec.src_name), dtype=np.float32)))
+    return model
+
+
+def build_hypercube(ckpt, arch, opts: HypercubeOptions, log: Callable[[str], None]) -> HypercubeBuild:
+    tokens, sha = calibration_tokens(opts.calib, opts.calib_tokens, arch.n_vocab)
+    model = hf_model(ckpt, arch)
+    cal = calibrate(model, tokens, opts.dim, sha)
+    worst = min(int(lr.counts.min()) for lr in cal.layers)
+    log(f"hypercube: Q_{opts.dim}, {1 << opts.dim} groups of {cal.group_size} neurons per layer, calibrated on "
+        f"{len(tokens)} tokens of {opts.calib.name} (emptiest vertex: {worst} tokens)")
+    concepts = None
+    if opts.concepts is not None:
+        from ..synth import hf_tokenizer
+
+        tok = hf_tokenizer()
+        layer = arch.n_layer // 2 if opts.concept_layer is None else opts.concept_layer
+        concepts = build_concept_map(model, tok.encode, read_concepts(opts.concepts),
+                                     [lr.weight for lr in cal.layers], [lr.bias for lr in cal.layers], layer)
+        log(f"hypercube: {len(concepts.names)} concepts mapped (layer {layer})")
+    return HypercubeBuild(cal, concepts)

@@ -1,0 +1,133 @@
+"""The hypercube as GGUF metadata: written by `convert`, read (and validated) by `inspect`,
+`concepts` and the tests. Keys and array shapes are named once, in gpt2cube/constants.py.
+The C++ engine (cpp/gpt2cube_engine.cpp) validates the same keys on its own."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+from .. import constants as K
+from ..errors import GGUFFormatError
+from .calibrate import Calibration, LayerRouter
+from .concepts import ConceptMap
+from .topology import Hypercube
+
+
+def write_hypercube(writer: GGUFWriter, cal: Calibration, concepts: ConceptMap | None) -> None:
+    cube = Hypercube(cal.dim)
+    u32, f32 = GGUFValueType.UINT32, GGUFValueType.FLOAT32
+
+    def arr(key: str, values: np.ndarray, sub: GGUFValueType) -> None:
+        writer.add_key_value(key, np.asarray(values).ravel().tolist(), GGUFValueType.ARRAY, sub_type=sub)
+
+    writer.add_uint32(K.KEY_HC_DIM, cal.dim)
+    writer.add_uint32(K.KEY_HC_VERTEX_COUNT, cube.n_vertices)
+    writer.add_uint32(K.KEY_HC_GROUP_SIZE, cal.group_size)
+    writer.add_uint32(K.KEY_HC_LAYER_COUNT, len(cal.layers))
+    arr(K.KEY_HC_VERTEX_IDS, cube.vertex_ids(), u32)
+    arr(K.KEY_HC_ROUTING_TABLE, cube.routing_table(), u32)
+    arr(K.KEY_HC_ROUTER_WEIGHT, np.stack([lr.weight for lr in cal.layers]), f32)
+    arr(K.KEY_HC_ROUTER_BIAS, np.stack([lr.bias for lr in cal.layers]), f32)
+    arr(K.KEY_HC_PERMUTATION, np.stack([lr.perm for lr in cal.layers]), u32)
+    arr(K.KEY_HC_CALIB_COUNTS, np.stack([lr.counts for lr in cal.layers]), u32)
+    writer.add_uint32(K.KEY_HC_CALIB_TOKENS, cal.n_tokens)
+    writer.add_string(K.KEY_HC_CALIB_SHA256, cal.text_sha256)
+    if concepts is not None:
+        writer.add_uint32(K.KEY_HC_CONCEPT_LAYER, concepts.layer)
+        writer.add_array(K.KEY_HC_CONCEPT_NAMES, concepts.names)
+        arr(K.KEY_HC_CONCEPT_VERTICES, concepts.vertices, u32)
+        arr(K.KEY_HC_CONCEPT_CODES, concepts.codes, f32)
+
+
+@dataclass
+class HypercubeInfo:
+    """What a file's hypercube metadata holds, checked for consistency."""
+
+    dim: int
+    group_size: int
+    routing_table: np.ndarray    # (V, d)
+    router_weight: np.ndarray    # (L, d, E)
+    router_bias: np.ndarray      # (L, d)
+    permutation: np.ndarray      # (L, F)
+    vertex_counts: np.ndarray    # (L, V)
+    calib_tokens: int
+    calib_sha256: str
+    concepts: ConceptMap | None
+
+    @property
+    def n_vertices(self) -> int:
+        return 1 << self.dim
+
+    def router(self, layer: int) -> LayerRouter:
+        return LayerRouter(self.router_weight[layer], self.router_bias[layer], self.permutation[layer],
+                           self.vertex_counts[layer])
+
+
+def has_hypercube(reader: GGUFReader) -> bool:
+    return K.KEY_HC_DIM in reader.fields
+
+
+def read_hypercube(reader: GGUFReader, path: Path) -> HypercubeInfo:
+    """Every length and range is checked against the model's shape; a mismatch names the key."""
+    where = f"{path}: hypercube metadata"
+
+    def get(key: str, required: bool = True):
+        f = reader.fields.get(key)
+        if f is None:
+            if required:
+                raise GGUFFormatError(f"{where}: key {key} is missing")
+            return None
+        return f.contents()
+
+    def array(key: str, shape: tuple[int, ...], dtype, required: bool = True) -> np.ndarray | None:
+        v = get(key, required)
+        if v is None:
+            return None
+        a = np.asarray(v, dtype=dtype)
+        if a.size != int(np.prod(shape)):
+            raise GGUFFormatError(f"{where}: {key} has {a.size} values; expected {int(np.prod(shape))} "
+                                  f"(shape {'x'.join(map(str, shape))})")
+        return a.reshape(shape)
+
+    arch = get("general.architecture")
+    n_layer, n_embd, n_ff = (int(get(f"{arch}.{k}")) for k in ("block_count", "embedding_length", "feed_forward_length"))
+    dim = int(get(K.KEY_HC_DIM))
+    if not 1 <= dim <= 10:
+        raise GGUFFormatError(f"{where}: {K.KEY_HC_DIM} = {dim}; expected 1..10")
+    cube = Hypercube(dim)
+    for key, want in ((K.KEY_HC_VERTEX_COUNT, cube.n_vertices), (K.KEY_HC_LAYER_COUNT, n_layer),
+                      (K.KEY_HC_GROUP_SIZE, n_ff // cube.n_vertices)):
+        if int(get(key)) != want:
+            raise GGUFFormatError(f"{where}: {key} = {get(key)}; expected {want} (dim {dim}, {n_layer} layers, n_ff {n_ff})")
+    if n_ff % cube.n_vertices:
+        raise GGUFFormatError(f"{where}: n_ff {n_ff} is not divisible by 2^{dim}")
+    table = array(K.KEY_HC_ROUTING_TABLE, (cube.n_vertices, dim), np.int64)
+    if not np.array_equal(table, cube.routing_table()):
+        raise GGUFFormatError(f"{where}: {K.KEY_HC_ROUTING_TABLE} is not Q_{dim}'s bit-transition table")
+    w = array(K.KEY_HC_ROUTER_WEIGHT, (n_layer, dim, n_embd), np.float32)
+    b = array(K.KEY_HC_ROUTER_BIAS, (n_layer, dim), np.float32)
+    if not (np.isfinite(w).all() and np.isfinite(b).all()):
+        raise GGUFFormatError(f"{where}: router weights or biases hold NaN or infinity")
+    perm = array(K.KEY_HC_PERMUTATION, (n_layer, n_ff), np.int64)
+    for layer, p in enumerate(perm):
+        if not np.array_equal(np.sort(p), np.arange(n_ff)):
+            raise GGUFFormatError(f"{where}: {K.KEY_HC_PERMUTATION} of layer {layer} is not a permutation of 0..{n_ff - 1}")
+    counts = array(K.KEY_HC_CALIB_COUNTS, (n_layer, cube.n_vertices), np.int64)
+    concepts = None
+    names = get(K.KEY_HC_CONCEPT_NAMES, required=False)
+    if names is not None:
+        c = len(names)
+        layer = int(get(K.KEY_HC_CONCEPT_LAYER))
+        if not 0 <= layer < n_layer:
+            raise GGUFFormatError(f"{where}: {K.KEY_HC_CONCEPT_LAYER} = {layer}; expected 0..{n_layer - 1}")
+        verts = array(K.KEY_HC_CONCEPT_VERTICES, (c, n_layer), np.int64)
+        if verts.min(initial=0) < 0 or verts.max(initial=0) >= cube.n_vertices:
+            raise GGUFFormatError(f"{where}: {K.KEY_HC_CONCEPT_VERTICES} holds a vertex outside 0..{cube.n_vertices - 1}")
+        codes = array(K.KEY_HC_CONCEPT_CODES, (c, n_layer, dim), np.float32)
+        concepts = ConceptMap(list(names), verts.astype(np.uint32), codes, layer)
+    return HypercubeInfo(dim, n_ff // cube.n_vertices, table, w, b, perm, counts,
+                         int(get(K.KEY_HC_CALIB_TOKENS)), str(get(K.KEY_HC_CALIB_SHA256)), concepts)
