@@ -143,12 +143,20 @@ class GPT2(Architecture):
         )
 
     def tensor_specs(self) -> list[TensorSpec]:
-        p, E, F, V = self.prefix, self.n_embd, self.n_ff, self.n_vocab
+        specs = self.specs_for(self.n_layer, self.n_embd, self.n_ff, self.n_vocab, self.n_ctx, self.tied, self.prefix)
+        self._check_shapes(specs, set(self.ckpt.names()))
+        return specs
+
+    @staticmethod
+    def specs_for(n_layer: int, n_embd: int, n_ff: int, n_vocab: int, n_ctx: int, tied: bool,
+                  prefix: str = "transformer.") -> list[TensorSpec]:
+        """The GGUF tensors of a GPT-2 of this shape and where they come from."""
+        p, E, F, V = prefix, n_embd, n_ff, n_vocab
         specs = [
             TensorSpec("token_embd.weight", f"{p}wte.weight", (V, E), False, "token_embd"),
-            TensorSpec("position_embd.weight", f"{p}wpe.weight", (self.n_ctx, E), False, "position_embd"),
+            TensorSpec("position_embd.weight", f"{p}wpe.weight", (n_ctx, E), False, "position_embd"),
         ]
-        for i in range(self.n_layer):
+        for i in range(n_layer):
             h, b = f"{p}h.{i}.", f"blk.{i}."
             # HF Conv1D stores (in, out); ggml wants rows of length `in` (ne0 = in): transpose.
             specs += [
@@ -169,11 +177,9 @@ class GPT2(Architecture):
             TensorSpec("output_norm.weight", f"{p}ln_f.weight", (E,), False, "norm"),
             TensorSpec("output_norm.bias", f"{p}ln_f.bias", (E,), False, "norm"),
         ]
-        names = set(self.ckpt.names())
-        if not self.tied:
+        if not tied:
             # llama.cpp ties output to token_embd when output.weight is absent.
             specs.append(TensorSpec("output.weight", "lm_head.weight", (V, E), False, "output"))
-        self._check_shapes(specs, names)
         return specs
 
     def _check_shapes(self, specs: list[TensorSpec], names: set[str]) -> None:
