@@ -425,9 +425,8 @@ struct g2c_engine {
         for (int i = 0; i < n; ++i)
             if (tokens[i] < 0 || tokens[i] >= n_vocab)
                 throw error(fmt("token %d (at %d) is outside the vocabulary of %d", tokens[i], i, n_vocab));
-        if ((experts || (radius >= 0 && radius < dim)) && !dim)
+        if (!dim && (experts || radius >= 0))
             throw error(fmt("%s has no hypercube metadata, so it cannot be routed; convert it with --hypercube-dim", path.c_str()));
-        if (!dim && radius >= 0) radius = -1;
         ggml_init_params p = {ggml_tensor_overhead() * 8192 + ggml_graph_overhead_custom(8192, false), nullptr, true};
         ggml_context * c = ggml_init(p);
         std::unique_ptr<ggml_context, void (*)(ggml_context *)> guard(c, ggml_free);

@@ -120,18 +120,31 @@ def eval_group() -> None:
 @click.option("--hf", "hf_dir", type=click.Path(path_type=Path), default=None,
               help="Also score the same windows with transformers on this HF checkpoint.")
 @click.option("--max-windows", type=int, default=None, help="Score only the first N windows (quick runs).")
+@click.option("--engine", type=click.Choice(["llama.cpp", "routed"]), default="llama.cpp", show_default=True,
+              help="Run the file in stock llama.cpp or in gpt2cube's routed engine (cpp/).")
+@click.option("--radius", type=int, default=None,
+              help="Routed engine: compute the FFN groups within this Hamming radius [default: all = dense].")
+@click.option("--device", default="cpu", show_default=True, help="Routed engine: cpu, auto (best GPU) or a ggml device.")
 @click.option("--threads", type=int, default=None)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
-def perplexity(model: Path, text_file: Path, ctx: int, hf_dir: Path | None, max_windows: int | None,
-               threads: int | None, quiet: bool, as_json: bool) -> None:
+def perplexity(model: Path, text_file: Path, ctx: int, hf_dir: Path | None, max_windows: int | None, engine: str,
+               radius: int | None, device: str, threads: int | None, quiet: bool, as_json: bool) -> None:
     """Perplexity of MODEL on a text, computed as llama.cpp's llama-perplexity does."""
     from .eval.perplexity import hf_perplexity, llama_perplexity, read_text
 
     _require_file(model)
     text = read_text(text_file)
-    results = [llama_perplexity(model, text, ctx, max_windows=max_windows, n_threads=threads, progress=not quiet)]
+    if engine == "routed":
+        from .eval.routed import routed_perplexity
+
+        results = [routed_perplexity(model, text, ctx, radius, max_windows=max_windows, n_threads=threads,
+                                     device=device, progress=not quiet)]
+    elif radius is not None:
+        raise click.UsageError("--radius needs --engine routed (stock llama.cpp always runs the dense FFN)")
+    else:
+        results = [llama_perplexity(model, text, ctx, max_windows=max_windows, n_threads=threads, progress=not quiet)]
     if hf_dir is not None:
         results.append(hf_perplexity(hf_dir, text, ctx, max_windows=max_windows, progress=not quiet))
     if as_json:
@@ -286,6 +299,72 @@ def _require_file(path: Path) -> None:
 
     if not path.is_file():
         raise InputError(f"{path}: no such model file; expected a GGUF file")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--radius", type=int, default=None, help="Hamming radius of the FFN groups [default: all = dense].")
+@click.option("-n", "--n-tokens", type=int, default=48, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-k", type=int, default=40, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, auto (best GPU) or a ggml device name.")
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Also the vertex of every generated token per layer.")
+@_fail_cleanly
+def route(model: Path, prompt: str, radius: int | None, n_tokens: int, temperature: float, top_k: int, seed: int,
+          device: str, threads: int | None, as_json: bool) -> None:
+    """Generate with the routed engine: each token's FFN runs only the groups near its vertex."""
+    from .eval.routed import routed_generate
+
+    _require_file(model)
+    r = routed_generate(model, prompt, n_tokens, radius, temperature=temperature, top_k=top_k, seed=seed,
+                        n_threads=threads, device=device)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(prompt + r["text"])
+    _log(f"{r['backend']}, radius {radius if radius is not None else 'all (dense)'}: "
+         f"prompt {r['prompt_tokens_per_s']:.1f} t/s, generation {r['gen_tokens_per_s']:.1f} t/s")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("text")
+@click.option("--top", type=int, default=3, show_default=True, help="Nearest concepts shown per layer.")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def concepts(model: Path, text: str, top: int, as_json: bool) -> None:
+    """The vertex TEXT routes to in each layer of MODEL, and the nearest concepts of its map."""
+    from .hypercube.concepts import text_routes
+
+    _require_file(model)
+    r = text_routes(model, text, top)
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    d = r["dim"]
+    click.echo(f"{r['tokens']} tokens, Q_{d}" + (f", concept map read at layer {r['concept_layer']}"
+                                                  if r["concept_layer"] is not None else ", no concept map"))
+    for e in r["layers"]:
+        near = ", ".join(f"{n['concept']} (hamming {n['hamming']})" for n in e.get("nearest", []))
+        mark = " *" if e["layer"] == r["concept_layer"] else ""
+        click.echo(f"layer {e['layer']:>2}{mark}: vertex {e['vertex']:>4} ({e['vertex']:0{d}b})" + (f"  nearest: {near}" if near else ""))
+
+
+@main.group()
+def engine() -> None:
+    """The C++ routed-inference engine (cpp/), built against llama-cpp-python's ggml."""
+
+
+@engine.command()
+@_fail_cleanly
+def build() -> None:
+    """Build (or find the cached build of) the engine library and print its path."""
+    from .engine.build import library_path
+
+    click.echo(str(library_path(log=_log)))
 
 
 @main.command()

@@ -52,3 +52,19 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, object]]:
 @pytest.fixture(scope="session")
 def prompt_tokens() -> list[int]:
     return hf_tokenizer().encode(PROMPT)
+
+
+# Calibration text for hypercube tests: varied enough that routers and groups are well defined.
+CALIB_TEXT = " ".join(
+    f"Chapter {i}. The {a} {b} walked to the {c} and said {i * 7} words about the {d}."
+    for i, (a, b, c, d) in enumerate(
+        [("old", "sailor", "harbour", "storm"), ("young", "queen", "castle", "war"), ("tired", "clerk", "bank", "money"),
+         ("happy", "child", "garden", "flowers"), ("grim", "doctor", "hospital", "fever")] * 12)
+)
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(CALIB_TEXT, encoding="utf-8")
+    return p

@@ -63,6 +63,7 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
         }
         for t in reader.tensors
     ]
+    hypercube = _hypercube_summary(reader, path)
     n_bytes = sum(t["bytes"] for t in tensors)
     n_elems = sum(t["elements"] for t in tensors)
     return {
@@ -75,6 +76,24 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
         "bits_per_weight": round(8 * n_bytes / n_elems, 4) if n_elems else 0.0,
         "tensors": tensors,
         "metadata": metadata,
+        **({"hypercube": hypercube} if hypercube else {}),
+    }
+
+
+def _hypercube_summary(reader: GGUFReader, path: Path) -> dict[str, Any] | None:
+    from ..hypercube.metadata import has_hypercube, read_hypercube
+
+    if not has_hypercube(reader):
+        return None
+    info = read_hypercube(reader, path)  # validates: a corrupt hypercube is an error, not a summary
+    counts = info.vertex_counts
+    return {
+        "dim": info.dim, "vertices": info.n_vertices, "group_size": info.group_size,
+        "layers": int(len(info.router_weight)), "calibration_tokens": info.calib_tokens,
+        "calibration_sha256": info.calib_sha256,
+        "calibration_tokens_per_vertex": {"min": int(counts.min()), "max": int(counts.max())},
+        "concepts": ({"layer": info.concepts.layer, "names": info.concepts.names,
+                      "vertices": info.concepts.vertices[:, info.concepts.layer].tolist()} if info.concepts else None),
     }
 
 
@@ -92,6 +111,16 @@ def format_report(info: dict[str, Any]) -> str:
         shape = "x".join(map(str, t["shape"]))
         notes = f"  sparsity {t['sparsity']:.3f}, scale {t['scale']:.5g}" if "sparsity" in t else ""
         lines.append(f"{t['name']:<28} {t['type']:<6} {shape:>16} {t['bytes']:>12,}{notes}")
+    hc = info.get("hypercube")
+    if hc:
+        bal = hc["calibration_tokens_per_vertex"]
+        lines += ["", f"hypercube: Q_{hc['dim']} ({hc['vertices']} vertices), {hc['layers']} layers x {hc['vertices']} FFN groups "
+                      f"of {hc['group_size']} neurons; routers calibrated on {hc['calibration_tokens']} tokens "
+                      f"({bal['min']}..{bal['max']} per vertex)"]
+        if hc["concepts"]:
+            c = hc["concepts"]
+            lines.append(f"  concepts at layer {c['layer']}: " + ", ".join(
+                f"{n} -> {v:0{hc['dim']}b}" for n, v in zip(c["names"], c["vertices"])))
     lines += ["", "metadata:"]
     for k, v in info["metadata"].items():
         lines.append(f"  {k} = {v}")

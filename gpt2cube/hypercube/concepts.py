@@ -76,3 +76,36 @@ def nearest(cmap: ConceptMap, margins: np.ndarray, layer: int, k: int = 3) -> li
     dist = np.linalg.norm(cmap.codes[:, layer] - margins[None], axis=1)
     order = np.lexsort((dist, ham))[:k]
     return [(cmap.names[i], int(ham[i]), float(dist[i])) for i in order]
+
+
+def text_routes(model_path: Path, text: str, k: int = 3) -> dict:
+    """Per layer: the vertex a text's mean FFN input routes to and its nearest concepts."""
+    from ..converter.inspect import read_gguf
+    from ..eval.dequantized import model_from_gguf
+    from ..eval.llama_runner import GGUFTokenizer
+    from .calibrate import _capture
+    from .metadata import has_hypercube, read_hypercube
+
+    reader = read_gguf(model_path)
+    if not has_hypercube(reader):
+        raise InputError(f"{model_path}: has no hypercube metadata; convert with --hypercube-dim D --calib TEXT")
+    info = read_hypercube(reader, model_path)
+    tok = GGUFTokenizer(model_path)
+    try:
+        ids = np.asarray(tok.encode(text), dtype=np.int64)
+    finally:
+        tok.close()
+    if not len(ids):
+        raise InputError("the text is empty")
+    model = model_from_gguf(model_path)
+    margins = text_margins(_capture(model, ids, lambda blk: blk.mlp, pre=True),
+                           list(info.router_weight), list(info.router_bias))
+    layers = []
+    for layer, m in enumerate(margins):
+        entry = {"layer": layer, "vertex": int(margins_to_vertex(m)), "margins": [round(float(x), 4) for x in m]}
+        if info.concepts is not None:
+            entry["nearest"] = [{"concept": n, "hamming": h, "distance": round(dist, 4)}
+                                for n, h, dist in nearest(info.concepts, m, layer, k)]
+        layers.append(entry)
+    return {"text": text, "tokens": int(len(ids)), "dim": info.dim,
+            "concept_layer": info.concepts.layer if info.concepts else None, "layers": layers}
