@@ -75,6 +75,8 @@ struct g2c_engine {
     ggml_backend_t backend = nullptr, cpu = nullptr;
     std::vector<ggml_backend_buffer_t> buffers;
     ggml_backend_sched_t sched = nullptr;
+    ggml_threadpool * threadpool = nullptr;           // persistent CPU workers (none: one pool per graph)
+    void (*threadpool_free)(ggml_threadpool *) = nullptr;
 
     ggml_tensor *tok_embd, *pos_embd, *out_norm, *out_norm_b, *output;
     std::vector<layer> layers;
@@ -89,6 +91,7 @@ struct g2c_engine {
         if (gguf) gguf_free(gguf);
         if (backend && backend != cpu) ggml_backend_free(backend);
         if (cpu) ggml_backend_free(cpu);
+        if (threadpool && threadpool_free) threadpool_free(threadpool);
     }
 
     // ---- metadata -------------------------------------------------------------------------
@@ -220,10 +223,20 @@ struct g2c_engine {
         if (!cpu_dev) throw error("ggml has no CPU backend");
         cpu = ggml_backend_dev_init(cpu_dev, nullptr);
         if (!cpu) throw error("cannot start ggml's CPU backend");
+        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(cpu_dev);
         if (n_threads > 0) {
-            auto set = (void (*)(ggml_backend_t, int)) ggml_backend_reg_get_proc_address(
-                ggml_backend_dev_backend_reg(cpu_dev), "ggml_backend_set_n_threads");
+            auto set = (void (*)(ggml_backend_t, int)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
             if (set) set(cpu, n_threads);
+            // a persistent pool, as llama.cpp keeps: otherwise every graph starts its own threads,
+            // which costs more than a 1-token step of a small model
+            auto tp_new = (ggml_threadpool * (*)(ggml_threadpool_params *)) ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_new");
+            auto tp_set = (void (*)(ggml_backend_t, ggml_threadpool *)) ggml_backend_reg_get_proc_address(reg, "ggml_backend_cpu_set_threadpool");
+            threadpool_free = (void (*)(ggml_threadpool *)) ggml_backend_reg_get_proc_address(reg, "ggml_threadpool_free");
+            if (tp_new && tp_set && threadpool_free) {
+                ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+                threadpool = tp_new(&tpp);
+                if (threadpool) tp_set(cpu, threadpool);
+            }
         }
         backend = cpu;
         if (device == "auto") {
@@ -371,7 +384,7 @@ struct g2c_engine {
         return ggml_add(c, sum, L.down_b);
     }
 
-    ggml_cgraph * build(ggml_context * c, int n, int radius, bool experts, graph_io & io) const {
+    ggml_cgraph * build(ggml_context * c, int n, int radius, bool experts, bool all_logits, graph_io & io) const {
         const int E = n_embd, H = n_head, hd = E / H, n_kv = n_past + n;
         ggml_cgraph * gf = ggml_new_graph_custom(c, 8192, false);
         io.tokens = ggml_new_tensor_1d(c, GGML_TYPE_I32, n);
@@ -411,14 +424,17 @@ struct g2c_engine {
             }
             x = ggml_add(c, cur, ffn_inp);
         }
+        if (!all_logits)  // only the last position's logits: the head is most of a small GPT-2's work
+            x = ggml_view_2d(c, x, n_embd, 1, x->nb[1], (size_t) (n - 1) * x->nb[1]);
         x = norm(c, x, out_norm, out_norm_b);
-        io.logits = ggml_mul_mat(c, output, x);                                              // [n_vocab, n]
+        io.logits = ggml_mul_mat(c, output, x);                                              // [n_vocab, n or 1]
         ggml_set_output(io.logits);
         ggml_build_forward_expand(gf, io.logits);
         return gf;
     }
 
-    void eval(const int32_t * tokens, int n, int radius, bool experts, float * logits, int32_t * vertices) {
+    void eval(const int32_t * tokens, int n, int radius, bool experts, bool all_logits, float * logits,
+              int32_t * vertices) {
         if (n <= 0) throw error(fmt("%d tokens; expected at least 1", n));
         if (n_past + n > n_ctx)
             throw error(fmt("%d cached + %d new tokens exceed the context of %d; reset first", n_past, n, n_ctx));
@@ -431,7 +447,7 @@ struct g2c_engine {
         ggml_context * c = ggml_init(p);
         std::unique_ptr<ggml_context, void (*)(ggml_context *)> guard(c, ggml_free);
         graph_io io;
-        ggml_cgraph * gf = build(c, n, radius, experts, io);
+        ggml_cgraph * gf = build(c, n, radius, experts, all_logits, io);
         ggml_backend_sched_reset(sched);
         if (!ggml_backend_sched_alloc_graph(sched, gf)) throw error("cannot allocate the compute graph");
         std::vector<int32_t> pos(n);
@@ -445,7 +461,7 @@ struct g2c_engine {
         ggml_backend_tensor_set(io.mask, mask.data(), 0, mask.size() * sizeof(float));
         if (ggml_backend_sched_graph_compute(sched, gf) != GGML_STATUS_SUCCESS) throw error("graph computation failed");
         n_past += n;
-        if (logits) ggml_backend_tensor_get(io.logits, logits, 0, (size_t) n * n_vocab * sizeof(float));
+        if (logits) ggml_backend_tensor_get(io.logits, logits, 0, ggml_nbytes(io.logits));
         if (vertices)
             for (size_t il = 0; il < io.vertex.size(); ++il)
                 ggml_backend_tensor_get(io.vertex[il], vertices + il * n, 0, n * sizeof(int32_t));
@@ -496,11 +512,11 @@ int32_t g2c_cube_dim(const g2c_engine * e) { return e->dim; }
 const char * g2c_backend_name(const g2c_engine * e) { return ggml_backend_name(e->backend); }
 void g2c_reset(g2c_engine * e) { e->n_past = 0; }
 
-int32_t g2c_eval(g2c_engine * e, const int32_t * tokens, int32_t n, int32_t radius, int32_t experts, float * logits,
-                 int32_t * vertices) {
+int32_t g2c_eval(g2c_engine * e, const int32_t * tokens, int32_t n, int32_t radius, int32_t experts,
+                 int32_t all_logits, float * logits, int32_t * vertices) {
     g_error.clear();
     try {
-        e->eval(tokens, n, radius, experts != 0, logits, vertices);
+        e->eval(tokens, n, radius, experts != 0, all_logits != 0, logits, vertices);
         return 0;
     } catch (const std::exception & ex) {
         g_error = ex.what();

@@ -35,10 +35,11 @@ void         g2c_reset(g2c_engine * e);
 // mul_mat, as llama.cpp computes it); 0 <= radius < dim: each token's FFN uses the groups within
 // Hamming distance `radius` of its vertex (ggml_mul_mat_id). experts != 0 takes the
 // mul_mat_id path even for the full radius (to test it against the dense path).
-// logits: n * n_vocab floats, or NULL. vertices: n_layer * n int32 (layer-major), or NULL;
+// all_logits != 0: logits of every position (n * n_vocab floats), else of the last one only
+// (n_vocab floats); logits may be NULL. vertices: n_layer * n int32 (layer-major), or NULL;
 // filled only on the routed path. Returns 0, or -1 with g2c_last_error() set.
 int32_t g2c_eval(g2c_engine * e, const int32_t * tokens, int32_t n, int32_t radius, int32_t experts,
-                 float * logits, int32_t * vertices);
+                 int32_t all_logits, float * logits, int32_t * vertices);
 
 #ifdef __cplusplus
 }

@@ -466,11 +466,19 @@ def ngram(order: int, train_paths, test_path: Path, exclude, method: str, ctx: i
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @_fail_cleanly
 def demo(model: Path | None, workdir: Path | None, max_windows: int, as_json: bool) -> None:
-    """The main job: convert the reference model to every type, run each in llama.cpp, one table."""
-    from .demo import format_table, run_demo
+    """The main job: convert the reference model to every type, run each in llama.cpp, one table;
+    then the hypercube file in stock llama.cpp and in the routed engine at each radius."""
+    from .demo import format_table, run_demo, run_routed_demo
 
     rows = run_demo(workdir, log=_log, model=model, max_windows=max_windows)
-    click.echo(json.dumps(rows, indent=2) if as_json else format_table(rows))
+    routed = run_routed_demo(workdir, log=_log, model=model, max_windows=max_windows)
+    if as_json:
+        click.echo(json.dumps({"types": rows, "routed": routed}, indent=2))
+        return
+    click.echo(format_table(rows))
+    if routed:
+        click.echo("\nHypercube (Q_2 over each FFN) and the routed engine, same held-out windows:\n")
+        click.echo(format_table(routed))
 
 
 if __name__ == "__main__":

@@ -83,3 +83,44 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+CALIB_BOOK = ROOT.parent / "shared" / "data" / "gutenberg" / "books" / "pg11.txt"  # a training book
+
+
+def run_routed_demo(workdir: Path | None, log: Callable[[str], None], model: Path | None = None,
+                    max_windows: int = 40, dim: int = 2, qtype: str = "q8_0") -> list[dict]:
+    """The hypercube part of the main job: the reference model converted with --hypercube-dim,
+    then held-out perplexity in stock llama.cpp and in the routed engine, dense and at each
+    radius. Empty (with a line on stderr) when the engine, the reference model or the data is
+    missing: the rest of the main job does not depend on it."""
+    from .engine.build import EngineUnavailable
+    from .eval.perplexity import llama_perplexity
+    from .eval.routed import routed_perplexity
+    from .hypercube.build import HypercubeOptions
+    from .hypercube.topology import Hypercube
+
+    model = model or (REFERENCE if (REFERENCE / "config.json").is_file() else None)
+    if model is None or not HELD_OUT_BOOK.is_file() or not CALIB_BOOK.is_file():
+        log("routed engine: skipped (needs the reference model and ../shared/data)")
+        return []
+    book = HELD_OUT_BOOK.read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="gpt2cube-demo-") as tmp:
+        root = Path(workdir) if workdir else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        out = root / f"model-{qtype}-cube{dim}.gguf"
+        convert(model, out, qtype, force=True, progress=False, log=log,
+                hypercube=HypercubeOptions(dim, CALIB_BOOK, 16384, ROOT / "recipes" / "concepts.txt"))
+        stock = llama_perplexity(out, book, 512, max_windows=max_windows)
+        rows = [{"file": out.name, "engine": "llama.cpp", "ffn_groups": f"{2**dim}/{2**dim}",
+                 "held_out_ppl": round(stock.ppl, 2)}]
+        cube = Hypercube(dim)
+        try:
+            for radius in [None, *range(dim - 1, -1, -1)]:
+                r = routed_perplexity(out, book, 512, radius, max_windows=max_windows)
+                used = cube.n_vertices if radius is None else cube.ball_size(radius)
+                rows.append({"file": out.name, "engine": r.engine, "ffn_groups": f"{used}/{cube.n_vertices}",
+                             "held_out_ppl": round(r.ppl, 2)})
+        except EngineUnavailable as e:
+            log(f"routed engine: unavailable ({e})")
+        return rows

@@ -109,6 +109,9 @@ def test_kv_cache_continues_exactly(engine_lib, cube_file, prompt_tokens):
         assert m.n_past == len(prompt_tokens)
     steps = np.concatenate([first] + rest)
     assert np.abs(steps - whole).max() / whole.std() < 1e-3  # batch vs one-by-one: f32 rounding only
+    with _model(cube_file("f32")) as m:
+        last, _ = m.eval(prompt_tokens, 1, all_logits=False)  # the head on the last position only
+    assert last.shape == (1, whole.shape[1]) and np.abs(last[0] - whole[-1]).max() / whole.std() < 1e-5
 
 
 def test_engine_input_errors(engine_lib, cube_file, checkpoints, tmp_path):

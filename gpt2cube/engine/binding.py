@@ -26,7 +26,7 @@ def _lib() -> ctypes.CDLL:
             ("g2c_last_error", S, []), ("g2c_load", P, [S, I, I, S]), ("g2c_free", None, [P]),
             ("g2c_n_vocab", I, [P]), ("g2c_n_ctx", I, [P]), ("g2c_n_layer", I, [P]), ("g2c_n_past", I, [P]),
             ("g2c_cube_dim", I, [P]), ("g2c_backend_name", S, [P]), ("g2c_reset", None, [P]),
-            ("g2c_eval", I, [P, ctypes.POINTER(I), I, I, I, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(I)]),
+            ("g2c_eval", I, [P, ctypes.POINTER(I), I, I, I, I, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(I)]),
         ):
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = res, args
@@ -67,17 +67,17 @@ class RoutedModel:
     def reset(self) -> None:
         self._lib.g2c_reset(self._h)
 
-    def eval(self, tokens, radius: int | None = None, *, experts: bool = False,
-             want_vertices: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """Runs tokens after the cached ones: logits (n, n_vocab) and, on the routed path,
-        vertices (n_layer, n)."""
+    def eval(self, tokens, radius: int | None = None, *, experts: bool = False, want_vertices: bool = False,
+             all_logits: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Runs tokens after the cached ones: logits (n, n_vocab), or (1, n_vocab) for the last
+        position with all_logits=False, and, on the routed path, vertices (n_layer, n)."""
         toks = np.ascontiguousarray(tokens, dtype=np.int32)
         n = len(toks)
-        logits = np.empty((n, self.n_vocab), dtype=np.float32)
+        logits = np.empty((n if all_logits else 1, self.n_vocab), dtype=np.float32)
         verts = np.full((self.n_layer, n), -1, dtype=np.int32) if want_vertices else None
         r = -1 if radius is None else int(radius)
         rc = self._lib.g2c_eval(
-            self._h, toks.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n, r, int(experts),
+            self._h, toks.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n, r, int(experts), int(all_logits),
             logits.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
             verts.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)) if verts is not None else None)
         if rc:

@@ -70,7 +70,7 @@ def routed_generate(model: Path, prompt: str, n_tokens: int, radius: int | None 
             _check_radius(radius, eng.dim, model)
             routed = eng.dim > 0 and radius is not None and radius < eng.dim
             t0 = time.perf_counter()
-            logits, verts = eng.eval(ids, radius, want_vertices=routed)
+            logits, verts = eng.eval(ids, radius, want_vertices=routed, all_logits=False)
             t_prompt = time.perf_counter() - t0
             out: list[int] = []
             path: list[list[int]] = []
@@ -78,7 +78,7 @@ def routed_generate(model: Path, prompt: str, n_tokens: int, radius: int | None 
             for _ in range(n_tokens):
                 nxt = _sample(logits[-1], temperature, top_k, rng)
                 out.append(nxt)
-                logits, verts = eng.eval([nxt], radius, want_vertices=routed)
+                logits, verts = eng.eval([nxt], radius, want_vertices=routed, all_logits=False)
                 if routed:
                     path.append(verts[:, 0].tolist())
             t_gen = time.perf_counter() - t0

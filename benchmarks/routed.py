@@ -1,0 +1,110 @@
+"""The routed engine against stock llama.cpp on the reference model: held-out perplexity and
+speed for the dense FFN and each routing radius.
+
+    python benchmarks/routed.py [--model models/reference] [--dim 2] [--types q8_0 q4_k]
+                                [--max-windows 40] [--repeats 3] [--out DIR]
+
+The model is converted with --hypercube-dim D, calibrated on a training book (pg11, never a
+held-out one) with recipes/concepts.txt. Per type: llama.cpp (dense, its default CPU repacking),
+the engine dense, and the engine at radius 0..D-1, each with PPL on The Time Machine (pg35,
+held out; windows of 512, second half scored) and prompt (pp) / generation (tg) tokens per
+second (median of --repeats; ratios against llama.cpp measured in the same run). Prints JSON
+and a table; writes DIR/routed.json. Run it on an otherwise idle machine: ggml's threads spin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import print_report  # noqa: E402
+
+
+def speed(run_prompt, run_token, prompt: list[int], n_gen: int, repeats: int) -> tuple[float, float]:
+    pp, tg = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run_prompt(prompt)
+        pp.append(len(prompt) / (time.perf_counter() - t0))
+        t0 = time.perf_counter()
+        for i in range(n_gen):
+            run_token(prompt[i % len(prompt)])
+        tg.append(n_gen / (time.perf_counter() - t0))
+    return statistics.median(pp), statistics.median(tg)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", type=Path, default=ROOT / "models" / "reference")
+    ap.add_argument("--dim", type=int, default=2)
+    ap.add_argument("--types", nargs="+", default=["q8_0", "q4_k"])
+    ap.add_argument("--max-windows", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n-prompt", type=int, default=256)
+    ap.add_argument("--n-gen", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/gpt2cube-routed"))
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from gpt2cube.converter import convert
+    from gpt2cube.engine.binding import RoutedModel
+    from gpt2cube.eval.llama_runner import GGUFTokenizer, load_llama
+    from gpt2cube.eval.perplexity import llama_perplexity
+    from gpt2cube.eval.routed import routed_perplexity
+    from gpt2cube.hypercube.build import HypercubeOptions
+
+    books = DATA / "gutenberg" / "books"
+    if not books.is_dir():
+        sys.exit(f"{books}: not found; this benchmark needs ../shared/data")
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = (books / "pg35.txt").read_text(encoding="utf-8")
+    rows = []
+    for qtype in args.types:
+        path = args.out / f"reference-{qtype}-cube{args.dim}.gguf"
+        convert(args.model, path, qtype, force=True, progress=False, log=lambda m: None,
+                hypercube=HypercubeOptions(args.dim, books / "pg11.txt", 16384, ROOT / "recipes" / "concepts.txt"))
+        tok = GGUFTokenizer(path)
+        prompt = tok.encode(text)[: args.n_prompt]
+        tok.close()
+
+        llm = load_llama(path, n_ctx=args.n_prompt + args.n_gen + 8, n_threads=args.threads)
+        def lp(p):
+            llm.reset()
+            llm.eval(p)
+        pp, tg = speed(lp, lambda t: llm.eval([t]), prompt, args.n_gen, args.repeats)
+        llm.close()
+        ppl = llama_perplexity(path, text, 512, max_windows=args.max_windows, n_threads=args.threads)
+        base = {"pp": pp, "tg": tg}
+        rows.append({"type": qtype, "engine": "llama.cpp (dense)", "radius": "-", "ffn_groups": f"{2**args.dim}/{2**args.dim}",
+                     "ppl": round(ppl.ppl, 2), "pp_tok_s": round(pp, 1), "tg_tok_s": round(tg, 1),
+                     "pp_vs_llama": 1.0, "tg_vs_llama": 1.0})
+        for radius in [None, *range(args.dim)]:
+            with RoutedModel(path, n_ctx=args.n_prompt + args.n_gen + 8, n_threads=args.threads) as eng:
+                def ep(p, eng=eng, radius=radius):
+                    eng.reset()
+                    eng.eval(p, radius, all_logits=False)  # llama.cpp computes the last position's only, too
+                pp, tg = speed(ep, lambda t, eng=eng, radius=radius: eng.eval([t], radius, all_logits=False),
+                               prompt, args.n_gen, args.repeats)
+            ppl = routed_perplexity(path, text, 512, radius, max_windows=args.max_windows, n_threads=args.threads)
+            from math import comb
+            used = 2**args.dim if radius is None else sum(comb(args.dim, i) for i in range(radius + 1))
+            rows.append({"type": qtype, "engine": "routed engine", "radius": "dense" if radius is None else radius,
+                         "ffn_groups": f"{used}/{2**args.dim}", "ppl": round(ppl.ppl, 2), "pp_tok_s": round(pp, 1),
+                         "tg_tok_s": round(tg, 1), "pp_vs_llama": round(pp / base["pp"], 3),
+                         "tg_vs_llama": round(tg / base["tg"], 3)})
+    meta = {"model": str(args.model), "dim": args.dim, "threads": args.threads, "repeats": args.repeats,
+            "n_prompt": args.n_prompt, "n_gen": args.n_gen, "ppl_text": "pg35 (held out)",
+            "ppl_windows": args.max_windows, "calibration": "pg11, 16384 tokens"}
+    print_report(rows, meta, args.out / "routed.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""`python -m gpt2cube ...` runs the CLI."""
+
+from .cli import main
+
+main()
