@@ -25,6 +25,16 @@ def corpus_digest(files: list[Path]) -> tuple[str, list[tuple[str, str]]]:
     return digest, rows
 
 
+def plot_loss_until(run: Path, rows: list[dict]) -> None:
+    """loss_curve.png of the rows up to the checkpoint (the run may have gone on)."""
+    from gpt2cube.train.trainer import plot_loss
+
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "train_log.jsonl"
+        log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        plot_loss(log, run / "loss_curve.png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", type=Path)
@@ -38,7 +48,10 @@ def main() -> None:
     state = torch.load(args.run / "train_state.pt", map_location="cpu", weights_only=False)
     cfg = state["config"]
     rows = [json.loads(x) for x in (args.run / "train_log.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r["step"] <= state["step"]]  # the log may run past the last checkpoint
     evals = [r for r in rows if "val_loss" in r]
+    planned = cfg["tokens"] // (cfg["batch_size"] * cfg["ctx"])
+    shown = [r for i, r in enumerate(evals) if i % max(1, len(evals) // 12) == 0 or r is evals[-1]]
     train_files, held = split_holdout(corpus_files([Path(c) for c in cfg["corpus"]]), [Path(h) for h in cfg["holdout"]])
     digest, per_file = corpus_digest(train_files)
     held_digest, _ = corpus_digest(held)
@@ -47,6 +60,7 @@ def main() -> None:
         convert(args.run, f16, "f16", progress=False, log=lambda m: None)
         samples = [(p, generate(f16, p, n_tokens=60, temperature=0.8, seed=i)) for i, p in enumerate(DEFAULT_PROMPTS)]
     last = rows[-1]
+    plot_loss_until(args.run, rows)
     n_params = sum(t.numel() for k, t in state["model"].items() if k != "lm_head.weight")
     lines = [
         "# Reference GPT-2: how it was trained",
@@ -72,7 +86,11 @@ def main() -> None:
         "## Run",
         "",
         f"- Steps: {state['step']} of batch {cfg['batch_size']} x {cfg['ctx']} tokens; tokens seen: "
-        f"{state['tokens_seen']:,}",
+        f"{state['tokens_seen']:,}" + ("" if state["step"] >= planned else
+                                      f" — a checkpoint of a run planned for {planned} steps ({cfg['tokens']:,} tokens), "
+                                      "taken while the learning rate was still "
+                                      f"{rows[-1]['lr'] / cfg['lr'] * 100:.0f} % of its peak; `--resume` continues it exactly"),
+        f"- Precision: {cfg.get('precision', 'fp32')} (bf16 autocast keeps fp32 master weights and optimizer state)",
         f"- Optimiser: AdamW (betas 0.9/0.95, weight decay {cfg['weight_decay']} on matrices), peak lr {cfg['lr']}, "
         f"{cfg['warmup_steps']} warm-up steps then cosine to 10 %, gradient clipping 1.0, no dropout, seed {cfg['seed']}",
         f"- Wall time: {state['seconds'] / 60:.1f} min of training ({last.get('tokens_per_s')} tokens/s on average; "
@@ -86,7 +104,7 @@ def main() -> None:
         "",
         "| step | tokens | train loss | held-out loss | held-out ppl |",
         "|---:|---:|---:|---:|---:|",
-        *[f"| {r['step']} | {r['tokens']:,} | {r['loss']} | {r['val_loss']} | {r['val_ppl']} |" for r in evals],
+        *[f"| {r['step']} | {r['tokens']:,} | {r['loss']} | {r['val_loss']} | {r['val_ppl']} |" for r in shown],
         "",
         "![loss curve](loss_curve.png)",
         "",
