@@ -227,3 +227,30 @@ def test_missing_engine_is_reported_and_the_rest_works(cube_file, monkeypatch):
     assert r.exit_code == 4 and "no C++ compiler" in r.output
     r = CliRunner().invoke(main, ["inspect", str(path)])
     assert r.exit_code == 0 and "hypercube: Q_2" in r.output
+
+
+def test_fuzzed_metadata_never_crashes(engine_lib, cube_file, tmp_path):
+    """Random byte flips in the header (metadata and tensor table) of a hypercube file: the
+    engine loads it or raises a clear error; a crash would take the test process down."""
+    path = cube_file("f32")
+    good = bytearray(path.read_bytes())
+    # the fields the engine reads: the gpt2.* keys near the start, then everything from the
+    # hypercube keys to the end of the tensor table (the tokenizer arrays between are skipped)
+    regions = [(8, good.index(b"tokenizer.ggml.model")), (good.index(b"hypercube.dim"), GGUFReader(path).data_offset)]
+    rng = np.random.default_rng(7)
+    outcomes = {"loaded": 0, "refused": 0}
+    for i in range(60):
+        bad = bytearray(good)
+        for lo, hi in regions:
+            for pos in rng.integers(lo, hi, size=2):
+                bad[pos] = int(rng.integers(0, 256))
+        p = tmp_path / f"fuzz{i}.gguf"
+        p.write_bytes(bytes(bad))
+        try:
+            with _model(p, n_ctx=32) as m:
+                m.eval([1, 2, 3], 1)
+            outcomes["loaded"] += 1
+        except InputError as e:
+            assert str(p) in str(e) or "token" in str(e) or "context" in str(e)
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 10  # the flips did hit checked fields
