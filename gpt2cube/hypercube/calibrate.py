@@ -95,9 +95,9 @@ def calibrate(model, tokens: np.ndarray, dim: int, text_sha256: str = "") -> Cal
     n_ff = blocks[0].mlp.c_fc.weight.shape[1]
     if n_ff % cube.n_vertices:
         raise InputError(f"n_ff {n_ff} is not divisible by 2^{dim} = {cube.n_vertices}; choose a smaller --hypercube-dim")
-    inputs = _capture(model, tokens, lambda blk: blk.mlp, pre=True)
+    inputs = capture(model, tokens, lambda blk: blk.mlp, pre=True)
     routers = [fit_router(x, dim) for x in inputs]
-    acts = _capture(model, tokens, lambda blk: blk.mlp.act, pre=False)
+    acts = capture(model, tokens, lambda blk: blk.mlp.act, pre=False)
     layers = []
     for x, a, (w, b) in zip(inputs, acts, routers):
         v = route(x, w, b)
@@ -106,7 +106,7 @@ def calibrate(model, tokens: np.ndarray, dim: int, text_sha256: str = "") -> Cal
     return Calibration(dim, n_ff // cube.n_vertices, layers, int(len(tokens)), text_sha256)
 
 
-def _capture(model, tokens: np.ndarray, module_of, *, pre: bool) -> list[np.ndarray]:
+def capture(model, tokens: np.ndarray, module_of, *, pre: bool) -> list[np.ndarray]:
     """Per block, the (N, width) input (pre=True) or output of `module_of(block)`."""
     import torch
 

@@ -57,14 +57,14 @@ def margins_to_vertex(m: np.ndarray) -> np.ndarray:
 
 
 def build_concept_map(model, tokenize, concepts: list[tuple[str, str]], weights, biases, layer: int) -> ConceptMap:
-    from .calibrate import _capture
+    from .calibrate import capture
 
     codes = []
     for name, text in concepts:
         ids = np.asarray(tokenize(text), dtype=np.int64)
         if not len(ids):
             raise InputError(f"concept {name!r}: its text tokenizes to nothing")
-        codes.append(text_margins(_capture(model, ids, lambda blk: blk.mlp, pre=True), weights, biases))
+        codes.append(text_margins(capture(model, ids, lambda blk: blk.mlp, pre=True), weights, biases))
     codes_arr = np.stack(codes)
     return ConceptMap([c[0] for c in concepts], margins_to_vertex(codes_arr).astype(np.uint32), codes_arr, layer)
 
@@ -83,7 +83,7 @@ def text_routes(model_path: Path, text: str, k: int = 3) -> dict:
     from ..converter.inspect import read_gguf
     from ..eval.dequantized import model_from_gguf
     from ..eval.llama_runner import GGUFTokenizer
-    from .calibrate import _capture
+    from .calibrate import capture
     from .metadata import has_hypercube, read_hypercube
 
     reader = read_gguf(model_path)
@@ -98,7 +98,7 @@ def text_routes(model_path: Path, text: str, k: int = 3) -> dict:
     if not len(ids):
         raise InputError("the text is empty")
     model = model_from_gguf(model_path)
-    margins = text_margins(_capture(model, ids, lambda blk: blk.mlp, pre=True),
+    margins = text_margins(capture(model, ids, lambda blk: blk.mlp, pre=True),
                            list(info.router_weight), list(info.router_bias))
     layers = []
     for layer, m in enumerate(margins):
