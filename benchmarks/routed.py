@@ -60,6 +60,7 @@ def main() -> None:
     from gpt2cube.eval.perplexity import llama_perplexity
     from gpt2cube.eval.routed import routed_perplexity
     from gpt2cube.hypercube.build import HypercubeOptions
+    from gpt2cube.hypercube.topology import Hypercube
 
     books = DATA / "gutenberg" / "books"
     if not books.is_dir():
@@ -94,8 +95,7 @@ def main() -> None:
                 pp, tg = speed(ep, lambda t, eng=eng, radius=radius: eng.eval([t], radius, all_logits=False),
                                prompt, args.n_gen, args.repeats)
             ppl = routed_perplexity(path, text, 512, radius, max_windows=args.max_windows, n_threads=args.threads)
-            from math import comb
-            used = 2**args.dim if radius is None else sum(comb(args.dim, i) for i in range(radius + 1))
+            used = Hypercube(args.dim).ball_size(args.dim if radius is None else radius)
             rows.append({"type": qtype, "engine": "routed engine", "radius": "dense" if radius is None else radius,
                          "ffn_groups": f"{used}/{2**args.dim}", "ppl": round(ppl.ppl, 2), "pp_tok_s": round(pp, 1),
                          "tg_tok_s": round(tg, 1), "pp_vs_llama": round(pp / base["pp"], 3),

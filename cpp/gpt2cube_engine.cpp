@@ -280,12 +280,15 @@ struct g2c_engine {
                 L.router_b = ggml_new_tensor_1d(xctx, GGML_TYPE_F32, dim);
             }
         }
+        // ball_ids[r]: for each vertex v, the vertices within Hamming distance r, ascending
+        std::vector<std::vector<int32_t>> ball_ids(dim ? dim + 1 : 0);
         if (dim) {
             signs = ggml_new_tensor_2d(xctx, GGML_TYPE_F32, dim, n_vertices);
             for (int r = 0; r <= dim; ++r) {
-                int b = 0;
-                for (int v = 0; v < n_vertices; ++v) b += __builtin_popcount(v) <= r;
-                balls.push_back(ggml_new_tensor_2d(xctx, GGML_TYPE_I32, b, n_vertices));
+                for (int v = 0; v < n_vertices; ++v)
+                    for (int u = 0; u < n_vertices; ++u)
+                        if (__builtin_popcount(u ^ v) <= r) ball_ids[r].push_back(u);
+                balls.push_back(ggml_new_tensor_2d(xctx, GGML_TYPE_I32, (int64_t) ball_ids[r].size() / n_vertices, n_vertices));
             }
         }
         // file tensors: on the primary backend unless it cannot run them
@@ -328,13 +331,8 @@ struct g2c_engine {
             for (int v = 0; v < n_vertices; ++v)
                 for (int k = 0; k < dim; ++k) s[(size_t) v * dim + k] = (v >> k & 1) ? 1.0f : -1.0f;
             ggml_backend_tensor_set(signs, s.data(), 0, ggml_nbytes(signs));
-            for (int r = 0; r <= dim; ++r) {
-                std::vector<int32_t> ids;
-                for (int v = 0; v < n_vertices; ++v)
-                    for (int u = 0; u < n_vertices; ++u)
-                        if (__builtin_popcount(u ^ v) <= r) ids.push_back(u);
-                ggml_backend_tensor_set(balls[r], ids.data(), 0, ids.size() * sizeof(int32_t));
-            }
+            for (int r = 0; r <= dim; ++r)
+                ggml_backend_tensor_set(balls[r], ball_ids[r].data(), 0, ball_ids[r].size() * sizeof(int32_t));
         }
     }
 

@@ -118,7 +118,7 @@ def run_routed_demo(workdir: Path | None, log: Callable[[str], None], model: Pat
         try:
             for radius in [None, *range(dim - 1, -1, -1)]:
                 r = routed_perplexity(out, book, 512, radius, max_windows=max_windows)
-                used = cube.n_vertices if radius is None else cube.ball_size(radius)
+                used = cube.ball_size(dim if radius is None else radius)
                 rows.append({"file": out.name, "engine": r.engine, "ffn_groups": f"{used}/{cube.n_vertices}",
                              "held_out_ppl": round(r.ppl, 2)})
         except EngineUnavailable as e:

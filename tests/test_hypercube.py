@@ -239,3 +239,15 @@ def test_short_calibration_text(checkpoints, tmp_path):
     r = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "x.gguf"), "--quiet",
                                   "--hypercube-dim", "2", "--calib", str(short)])
     assert r.exit_code == 2 and "short.txt: only 2 tokens of calibration text" in r.output
+
+
+def test_every_ffn_down_type_is_checked(checkpoints, calib_file, tmp_path):
+    # q8_0 everywhere but one layer's ffn_down in q4_k: groups of 128 fit q8_0's blocks, not q4_k's
+    src, _ = checkpoints["small"]
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('"blk.1.ffn_down.weight" = "q4_k"\n', encoding="utf-8")
+    out = tmp_path / "x.gguf"
+    r = CliRunner().invoke(main, ["convert", str(src), "-o", str(out), "--quiet", "--type", "q8_0", "--recipe", str(recipe),
+                                  "--hypercube-dim", "3", "--calib", str(calib_file)])
+    assert r.exit_code == 2 and "groups of 128 neurons do not fill whole q4_k blocks of 256" in r.output
+    assert not out.exists()

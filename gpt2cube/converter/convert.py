@@ -105,8 +105,8 @@ def convert(
     if hypercube is not None:
         from ..hypercube.build import build_hypercube, check_options
 
-        down = next(p.qtype for p in planned if p.spec.gguf_name == "blk.0.ffn_down.weight")
-        check_options(hypercube, arch.n_ff, arch.n_layer, down.block_size, down.name)
+        check_options(hypercube, arch.n_ff, arch.n_layer,
+                      [p.qtype for p in planned if p.spec.gguf_name.endswith(".ffn_down.weight")])
         cube = build_hypercube(ckpt, arch, hypercube, log)
 
     writer = GGUFWriter(path=None, arch=arch.gguf_arch)

@@ -5,26 +5,45 @@ what remains is the runtime's own arithmetic, which isolates packing, layout and
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from ..converter.arch import arch_for
+from ..converter.arch import TensorSpec, arch_for
 from ..converter.checkpoint import open_checkpoint
 from ..converter.inspect import read_gguf
 from ..errors import GGUFFormatError
 from ..kernels import QUANT_TYPES
 
+_BY_GGML = {q.ggml_type: q for q in QUANT_TYPES.values()}
+
+
+def _file_weight(tensor, spec: TensorSpec) -> np.ndarray:
+    """A GGUF tensor dequantized into the HF layout of `spec`'s source tensor."""
+    w = _BY_GGML[tensor.tensor_type].dequantize(np.asarray(tensor.data), spec.shape)
+    return w.T if spec.transpose else w
+
+
+def hf_gpt2(config: dict, specs: list[TensorSpec], weight_of: Callable[[TensorSpec], np.ndarray]):
+    """A transformers GPT-2 (GPT2Config keywords `config`) whose parameters are `weight_of(spec)`
+    (HF layout) for each spec; source names with or without the `transformer.` prefix."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(**config)).eval()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for spec in specs:
+            name = spec.src_name if spec.src_name.startswith(("transformer.", "lm_head.")) else f"transformer.{spec.src_name}"
+            params[name].copy_(torch.from_numpy(np.ascontiguousarray(weight_of(spec), dtype=np.float32)))
+    return model
+
 
 def dequantized_state(gguf_path: Path, src: Path) -> dict[str, np.ndarray]:
     """HF state-dict entries (source names and layouts) holding the file's dequantized weights."""
-    by_ggml = {q.ggml_type: q for q in QUANT_TYPES.values()}
     tensors = {t.name: t for t in read_gguf(gguf_path).tensors}
-    state = {}
-    for spec in arch_for(open_checkpoint(src)).tensor_specs():
-        t = tensors[spec.gguf_name]
-        w = by_ggml[t.tensor_type].dequantize(np.asarray(t.data), spec.shape)
-        state[spec.src_name] = w.T if spec.transpose else w
-    return state
+    return {spec.src_name: _file_weight(tensors[spec.gguf_name], spec)
+            for spec in arch_for(open_checkpoint(src)).tensor_specs()}
 
 
 def dequantized_model(gguf_path: Path, src: Path):
@@ -42,9 +61,6 @@ def dequantized_model(gguf_path: Path, src: Path):
 def model_from_gguf(gguf_path: Path):
     """A transformers GPT-2 built from a GGUF file alone: shape from its gpt2.* keys, weights
     dequantized (so the hidden states are those of the weights the file stores)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from ..converter.arch import GPT2
     from ..converter.inspect import field_value
 
@@ -54,22 +70,16 @@ def model_from_gguf(gguf_path: Path):
         "attention.layer_norm_epsilon")}
     if field_value(reader, "general.architecture") != "gpt2" or None in hp.values():
         raise GGUFFormatError(f"{gguf_path}: not a GPT-2 GGUF (general.architecture and gpt2.* keys expected)")
-    by_ggml = {q.ggml_type: q for q in QUANT_TYPES.values()}
     tensors = {t.name: t for t in reader.tensors}
     n_vocab = int(tensors["token_embd.weight"].shape[1])
     tied = "output.weight" not in tensors
-    cfg = GPT2Config(n_layer=int(hp["block_count"]), n_embd=int(hp["embedding_length"]),
-                     n_inner=int(hp["feed_forward_length"]), n_positions=int(hp["context_length"]),
-                     n_head=int(hp["attention.head_count"]), layer_norm_epsilon=float(hp["attention.layer_norm_epsilon"]),
-                     vocab_size=n_vocab, tie_word_embeddings=tied)
-    model = GPT2LMHeadModel(cfg).eval()
-    params = dict(model.named_parameters())
-    specs = GPT2.specs_for(cfg.n_layer, cfg.n_embd, cfg.n_inner, n_vocab, cfg.n_positions, tied)
-    with torch.no_grad():
-        for spec in specs:
-            t = tensors.get(spec.gguf_name)
-            if t is None or t.tensor_type not in by_ggml:
-                raise GGUFFormatError(f"{gguf_path}: tensor {spec.gguf_name} is missing or of a type gpt2cube cannot read")
-            w = by_ggml[t.tensor_type].dequantize(np.asarray(t.data), spec.shape)
-            params[spec.src_name].copy_(torch.from_numpy(np.ascontiguousarray(w.T if spec.transpose else w)))
-    return model
+    config = dict(n_layer=int(hp["block_count"]), n_embd=int(hp["embedding_length"]),
+                  n_inner=int(hp["feed_forward_length"]), n_positions=int(hp["context_length"]),
+                  n_head=int(hp["attention.head_count"]), layer_norm_epsilon=float(hp["attention.layer_norm_epsilon"]),
+                  vocab_size=n_vocab, tie_word_embeddings=tied)
+    specs = GPT2.specs_for(config["n_layer"], config["n_embd"], config["n_inner"], n_vocab, config["n_positions"], tied)
+    for spec in specs:
+        t = tensors.get(spec.gguf_name)
+        if t is None or t.tensor_type not in _BY_GGML:
+            raise GGUFFormatError(f"{gguf_path}: tensor {spec.gguf_name} is missing or of a type gpt2cube cannot read")
+    return hf_gpt2(config, specs, lambda spec: _file_weight(tensors[spec.gguf_name], spec))

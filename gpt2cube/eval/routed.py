@@ -26,6 +26,7 @@ def engine_label(radius: int | None, dim: int) -> str:
 def routed_perplexity(model: Path, text: str, ctx: int = 512, radius: int | None = None, *,
                       max_windows: int | None = None, n_threads: int | None = None, device: str = "cpu",
                       progress: bool = False) -> PerplexityResult:
+    _check_radius(radius)
     n_train = model_context(model)
     if ctx > n_train:
         raise InputError(f"--ctx {ctx} is longer than the model's context length {n_train} ({model})")
@@ -35,7 +36,6 @@ def routed_perplexity(model: Path, text: str, ctx: int = 512, radius: int | None
     finally:
         tok.close()
     with _engine(model, ctx, n_threads, device) as eng:
-        _check_radius(radius, eng.dim, model)
 
         def logits(window: np.ndarray) -> np.ndarray:
             eng.reset()
@@ -44,19 +44,17 @@ def routed_perplexity(model: Path, text: str, ctx: int = 512, radius: int | None
         return perplexity(tokens, ctx, logits, engine_label(radius, eng.dim), max_windows, progress)
 
 
-def _check_radius(radius: int | None, dim: int, model: Path) -> None:
-    if radius is None:
-        return
-    if radius < 0:
+def _check_radius(radius: int | None) -> None:
+    """The engine reads a negative radius as dense; from the command line it is a mistake. (A file
+    without hypercube metadata is refused by the engine itself.)"""
+    if radius is not None and radius < 0:
         raise InputError(f"--radius {radius}; expected 0..d (the cube dimension)")
-    if dim == 0 and radius is not None:
-        raise InputError(f"{model}: has no hypercube metadata, so --radius cannot route it; "
-                         "convert with --hypercube-dim D --calib TEXT")
 
 
 def routed_generate(model: Path, prompt: str, n_tokens: int, radius: int | None = None, *, temperature: float = 0.0,
                     top_k: int = 40, seed: int = 0, n_threads: int | None = None, device: str = "cpu") -> dict:
     """Sampled (or greedy, temperature 0) continuation; also each generated token's vertex per layer."""
+    _check_radius(radius)
     tok = GGUFTokenizer(model)
     try:
         ids = tok.encode(prompt)
@@ -67,7 +65,6 @@ def routed_generate(model: Path, prompt: str, n_tokens: int, radius: int | None 
             raise InputError(f"prompt ({len(ids)} tokens) + {n_tokens} new tokens exceed the context of {n_ctx}")
         rng = np.random.default_rng(seed)
         with _engine(model, len(ids) + n_tokens, n_threads, device) as eng:
-            _check_radius(radius, eng.dim, model)
             routed = eng.dim > 0 and radius is not None and radius < eng.dim
             t0 = time.perf_counter()
             logits, verts = eng.eval(ids, radius, want_vertices=routed, all_logits=False)

@@ -43,20 +43,21 @@ class HypercubeBuild:
         return data[:, perm] if m[2] == "down" else data[perm]
 
 
-def check_options(opts: HypercubeOptions, n_ff: int, n_layer: int, down_block: int, down_type: str) -> None:
+def check_options(opts: HypercubeOptions, n_ff: int, n_layer: int, down_types: list) -> None:
+    """Before any work: the options fit the model and every ffn_down's encoding (a recipe may give
+    layers different types). The calibration file is checked where it is read, which comes first."""
     if not 1 <= opts.dim <= MAX_DIM:
         raise InputError(f"--hypercube-dim {opts.dim}; expected 1..{MAX_DIM}")
     cube = Hypercube(opts.dim)
     if n_ff % cube.n_vertices:
         raise InputError(f"--hypercube-dim {opts.dim}: n_ff {n_ff} is not divisible by {cube.n_vertices} vertex groups")
     g = n_ff // cube.n_vertices
-    if g % down_block:
+    down = max(down_types, key=lambda q: q.block_size)
+    if g % down.block_size:
         raise InputError(
-            f"--hypercube-dim {opts.dim}: groups of {g} neurons do not fill whole {down_type} blocks of {down_block} "
+            f"--hypercube-dim {opts.dim}: groups of {g} neurons do not fill whole {down.name} blocks of {down.block_size} "
             f"in ffn_down's rows, so the routed engine could not slice them; use a smaller dimension "
-            f"(n_ff {n_ff} / 2^d must be a multiple of {down_block}) or a type with smaller blocks for ffn_down")
-    if not opts.calib.is_file():
-        raise InputError(f"{opts.calib}: no such calibration text; expected a UTF-8 text file")
+            f"(n_ff {n_ff} / 2^d must be a multiple of {down.block_size}) or a type with smaller blocks for ffn_down")
     if opts.concepts is not None and not opts.concepts.is_file():
         raise InputError(f"{opts.concepts}: no such concepts file; expected lines of 'name: text'")
     if opts.calib_tokens < 64:
@@ -68,20 +69,12 @@ def check_options(opts: HypercubeOptions, n_ff: int, n_layer: int, down_block: i
 def hf_model(ckpt, arch):
     """A transformers GPT-2 holding exactly the checkpoint's weights, read by our own loader (so
     every layout `convert` takes works here too)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from ..eval.dequantized import hf_gpt2
 
-    cfg = GPT2Config(n_layer=arch.n_layer, n_embd=arch.n_embd, n_head=arch.n_head, n_positions=arch.n_ctx,
-                     n_inner=arch.n_ff, vocab_size=arch.n_vocab, layer_norm_epsilon=arch.eps,
-                     activation_function=ckpt.config.get("activation_function", "gelu_new"),
-                     tie_word_embeddings=arch.tied)
-    model = GPT2LMHeadModel(cfg).eval()
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for spec in arch.tensor_specs():
-            name = spec.src_name if spec.src_name.startswith(("transformer.", "lm_head.")) else f"transformer.{spec.src_name}"
-            params[name].copy_(torch.from_numpy(np.ascontiguousarray(ckpt.load(spec.src_name), dtype=np.float32)))
-    return model
+    config = dict(n_layer=arch.n_layer, n_embd=arch.n_embd, n_head=arch.n_head, n_positions=arch.n_ctx,
+                  n_inner=arch.n_ff, vocab_size=arch.n_vocab, layer_norm_epsilon=arch.eps,
+                  activation_function=ckpt.config.get("activation_function", "gelu_new"), tie_word_embeddings=arch.tied)
+    return hf_gpt2(config, arch.tensor_specs(), lambda spec: ckpt.load(spec.src_name))
 
 
 def build_hypercube(ckpt, arch, opts: HypercubeOptions, log: Callable[[str], None]) -> HypercubeBuild:

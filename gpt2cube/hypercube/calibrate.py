@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .topology import Hypercube
+from .topology import Hypercube, vertex_of
 
 
 @dataclass
@@ -32,14 +32,10 @@ class LayerRouter:
     perm: np.ndarray    # (F,) old neuron index at each new position
     counts: np.ndarray  # (2^d,) calibration tokens routed to each vertex
 
-    def vertices(self, x: np.ndarray) -> np.ndarray:
-        """(N, E) FFN inputs -> (N,) vertex ids."""
-        return route(x, self.weight, self.bias)
-
 
 def route(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    bits = (np.asarray(x, np.float32) @ weight.T + bias) > 0
-    return (bits.astype(np.int64) << np.arange(weight.shape[0])).sum(axis=-1)
+    """(N, E) FFN inputs -> (N,) vertex ids."""
+    return vertex_of(np.asarray(x, np.float32) @ weight.T + bias)
 
 
 def fit_router(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from .topology import popcount, vertex_of
 
 
 @dataclass
@@ -51,11 +52,6 @@ def text_margins(ffn_inputs: list[np.ndarray], weights: list[np.ndarray], biases
     return np.stack([w @ x.mean(axis=0) + b for x, w, b in zip(ffn_inputs, weights, biases)]).astype(np.float32)
 
 
-def margins_to_vertex(m: np.ndarray) -> np.ndarray:
-    """(..., d) margins -> (...) vertex ids."""
-    return ((m > 0).astype(np.int64) << np.arange(m.shape[-1])).sum(axis=-1)
-
-
 def build_concept_map(model, tokenize, concepts: list[tuple[str, str]], weights, biases, layer: int) -> ConceptMap:
     from .calibrate import capture
 
@@ -66,13 +62,13 @@ def build_concept_map(model, tokenize, concepts: list[tuple[str, str]], weights,
             raise InputError(f"concept {name!r}: its text tokenizes to nothing")
         codes.append(text_margins(capture(model, ids, lambda blk: blk.mlp, pre=True), weights, biases))
     codes_arr = np.stack(codes)
-    return ConceptMap([c[0] for c in concepts], margins_to_vertex(codes_arr).astype(np.uint32), codes_arr, layer)
+    return ConceptMap([c[0] for c in concepts], vertex_of(codes_arr).astype(np.uint32), codes_arr, layer)
 
 
 def nearest(cmap: ConceptMap, margins: np.ndarray, layer: int, k: int = 3) -> list[tuple[str, int, float]]:
     """The k concepts nearest to a text's margins (d,) at `layer`: (name, hamming, margin distance)."""
-    v = int(margins_to_vertex(margins))
-    ham = np.bitwise_count(np.bitwise_xor(cmap.vertices[:, layer].astype(np.uint32), np.uint32(v))).astype(int)
+    v = int(vertex_of(margins))
+    ham = popcount(np.bitwise_xor(cmap.vertices[:, layer].astype(np.uint32), np.uint32(v)))
     dist = np.linalg.norm(cmap.codes[:, layer] - margins[None], axis=1)
     order = np.lexsort((dist, ham))[:k]
     return [(cmap.names[i], int(ham[i]), float(dist[i])) for i in order]
@@ -102,7 +98,7 @@ def text_routes(model_path: Path, text: str, k: int = 3) -> dict:
                            list(info.router_weight), list(info.router_bias))
     layers = []
     for layer, m in enumerate(margins):
-        entry = {"layer": layer, "vertex": int(margins_to_vertex(m)), "margins": [round(float(x), 4) for x in m]}
+        entry = {"layer": layer, "vertex": int(vertex_of(m)), "margins": [round(float(x), 4) for x in m]}
         if info.concepts is not None:
             entry["nearest"] = [{"concept": n, "hamming": h, "distance": round(dist, 4)}
                                 for n, h, dist in nearest(info.concepts, m, layer, k)]

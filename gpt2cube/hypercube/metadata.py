@@ -12,7 +12,7 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from .. import constants as K
 from ..errors import GGUFFormatError
-from .calibrate import Calibration, LayerRouter
+from .calibrate import Calibration
 from .concepts import ConceptMap
 from .topology import Hypercube
 
@@ -61,10 +61,6 @@ class HypercubeInfo:
     @property
     def n_vertices(self) -> int:
         return 1 << self.dim
-
-    def router(self, layer: int) -> LayerRouter:
-        return LayerRouter(self.router_weight[layer], self.router_bias[layer], self.permutation[layer],
-                           self.vertex_counts[layer])
 
 
 def has_hypercube(reader: GGUFReader) -> bool:

@@ -20,6 +20,11 @@ def popcount(x: np.ndarray) -> np.ndarray:
     return np.bitwise_count(np.asarray(x, dtype=np.uint32)).astype(np.int64)
 
 
+def vertex_of(margins: np.ndarray) -> np.ndarray:
+    """(..., d) router margins -> (...) vertex ids: bit k is set where margin k > 0."""
+    return ((np.asarray(margins) > 0).astype(np.int64) << np.arange(np.shape(margins)[-1])).sum(axis=-1)
+
+
 class Hypercube:
     def __init__(self, dim: int) -> None:
         if not isinstance(dim, (int, np.integer)) or not 1 <= dim <= MAX_DIM:

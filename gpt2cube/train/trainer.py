@@ -92,7 +92,7 @@ def _windows(tokens: np.ndarray, starts: np.ndarray, ctx: int):
     return torch.from_numpy(tokens[idx].astype(np.int64))
 
 
-def evaluate(model, val: np.ndarray, cfg: TrainConfig, device: str) -> float:
+def evaluate(model, val: np.ndarray, cfg: TrainConfig, device: str, precision: str = "fp32") -> float:
     """Mean next-token loss over fixed, evenly spaced validation windows."""
     import torch
 
@@ -103,7 +103,7 @@ def evaluate(model, val: np.ndarray, cfg: TrainConfig, device: str) -> float:
     with torch.no_grad():
         for i in range(0, n, cfg.batch_size):
             xy = _windows(val, starts[i : i + cfg.batch_size], cfg.ctx).to(device)
-            losses.append(float(_loss(model, xy, pick_precision(cfg.precision, device))))
+            losses.append(float(_loss(model, xy, precision)))
     model.train()
     return float(np.mean(losses))
 
@@ -195,7 +195,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         last = {"step": step, "tokens": seen, "loss": round(float(loss.detach()), 4), "lr": lr_at(step - 1, cfg),
                 "tokens_per_s": round(seen / secs, 1), "seconds": round(secs, 1)}
         if step % cfg.eval_every == 0 or step == cfg.steps or step == cfg.stop_at:
-            last["val_loss"] = round(evaluate(model, val_tok, cfg, device), 4)
+            last["val_loss"] = round(evaluate(model, val_tok, cfg, device, precision), 4)
             last["val_ppl"] = round(math.exp(last["val_loss"]), 2)
             _save(model, opt, rng, cfg, step, seen, secs, out)
         with open(log_path, "a") as f:
