@@ -19,6 +19,7 @@
 #include "ggml-backend.h"
 #include "gguf.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -81,7 +82,9 @@ struct g2c_engine {
     ggml_tensor *tok_embd, *pos_embd, *out_norm, *out_norm_b, *output;
     std::vector<layer> layers;
     ggml_tensor * signs = nullptr;              // [d, V] S
-    std::vector<ggml_tensor *> balls;           // radius r -> [B_r, V] i32
+    std::vector<ggml_tensor *> balls;           // radius r -> [B_r, V] i32 group ids (ascending)
+    std::vector<ggml_tensor *> ball_masks;      // radius r -> [V, V] f32: 1 where group u is in v's ball
+    int graph_size = 0;                         // nodes of the largest graph build() makes
 
     ~g2c_engine() {
         if (sched) ggml_backend_sched_free(sched);
@@ -252,22 +255,31 @@ struct g2c_engine {
         }
     }
 
-    // Whether the primary backend can multiply with this weight (CUDA has no TQ kernels, Metal
-    // no TQ1_0); if any weight cannot, the whole model runs on the CPU backend.
-    bool backend_runs(ggml_tensor * w) {
-        if (backend == cpu) return true;
-        ggml_init_params p = {ggml_tensor_overhead() * 4, nullptr, true};
-        ggml_context * c = ggml_init(p);
-        ggml_tensor * x = ggml_new_tensor_2d(c, GGML_TYPE_F32, w->ne[0], 1);
-        ggml_tensor * op = ggml_mul_mat(c, w, x);
-        bool ok = ggml_backend_dev_supports_op(ggml_backend_get_device(backend), op);
-        ggml_free(c);
-        return ok;
+    // Whether the primary backend runs every op of every graph the engine builds (CUDA has no TQ
+    // kernels, Metal no TQ1_0; mul_mat_id, add_id and quantized get_rows vary by backend): the
+    // graphs for one and two tokens, dense and at every radius, are built on the (not yet
+    // allocated) tensors and each node is asked. If any is refused the whole model runs on the CPU.
+    const ggml_tensor * unsupported_node() {
+        ggml_backend_dev_t dev = ggml_backend_get_device(backend);
+        ggml_init_params p = {ggml_tensor_overhead() * graph_size + ggml_graph_overhead_custom(graph_size, false), nullptr, true};
+        for (int radius = -1; radius <= dim; ++radius)
+            for (int experts = 0; experts <= (radius == dim ? 1 : 0); ++experts)
+                for (int n = 1; n <= 2; ++n) {
+                    if (radius == -1 && experts) continue;
+                    ggml_context * c = ggml_init(p);
+                    std::unique_ptr<ggml_context, void (*)(ggml_context *)> guard(c, ggml_free);
+                    graph_io io;
+                    ggml_cgraph * gf = build(c, n, radius, experts, true, io);
+                    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+                        ggml_tensor * node = ggml_graph_node(gf, i);
+                        if (!ggml_backend_dev_supports_op(dev, node)) return node;
+                    }
+                }
+        return nullptr;
     }
 
-    void load_weights(const std::vector<float> & rw, const std::vector<float> & rb) {
-        // engine-made tensors
-        size_t n_extra = (size_t) n_layer * 5 + 16 + (size_t) dim + 1;
+    void create_engine_tensors() {
+        size_t n_extra = (size_t) n_layer * 5 + 16 + 2 * ((size_t) dim + 1);
         ggml_init_params p = {ggml_tensor_overhead() * n_extra, nullptr, true};
         xctx = ggml_init(p);
         for (int i = 0; i < n_layer; ++i) {
@@ -280,25 +292,35 @@ struct g2c_engine {
                 L.router_b = ggml_new_tensor_1d(xctx, GGML_TYPE_F32, dim);
             }
         }
-        // ball_ids[r]: for each vertex v, the vertices within Hamming distance r, ascending
-        std::vector<std::vector<int32_t>> ball_ids(dim ? dim + 1 : 0);
         if (dim) {
             signs = ggml_new_tensor_2d(xctx, GGML_TYPE_F32, dim, n_vertices);
             for (int r = 0; r <= dim; ++r) {
-                for (int v = 0; v < n_vertices; ++v)
-                    for (int u = 0; u < n_vertices; ++u)
-                        if (__builtin_popcount(u ^ v) <= r) ball_ids[r].push_back(u);
-                balls.push_back(ggml_new_tensor_2d(xctx, GGML_TYPE_I32, (int64_t) ball_ids[r].size() / n_vertices, n_vertices));
+                int64_t B = 0;
+                for (int k = 0; k <= r; ++k) B += binom(dim, k);
+                balls.push_back(ggml_new_tensor_2d(xctx, GGML_TYPE_I32, B, n_vertices));
+                ball_masks.push_back(ggml_new_tensor_2d(xctx, GGML_TYPE_F32, n_vertices, n_vertices));
             }
         }
-        // file tensors: on the primary backend unless it cannot run them
-        for (ggml_tensor * t = ggml_get_first_tensor(wctx); t && backend != cpu; t = ggml_get_next_tensor(wctx, t))
-            if (t->ne[1] > 1 && !backend_runs(t)) {
-                fprintf(stderr, "gpt2cube engine: %s cannot run %s (%s); using the CPU\n", ggml_backend_name(backend),
-                        ggml_type_name(t->type), t->name);
+        // nodes per layer: about 30 for attention and a dense FFN, about 20 more when routed
+        graph_size = 64 * n_layer + 128;
+    }
+
+    static int64_t binom(int n, int k) {
+        int64_t b = 1;
+        for (int i = 1; i <= k; ++i) b = b * (n - k + i) / i;
+        return b;
+    }
+
+    void load_weights(const std::vector<float> & rw, const std::vector<float> & rb) {
+        create_engine_tensors();
+        if (backend != cpu) {
+            if (const ggml_tensor * node = unsupported_node()) {
+                fprintf(stderr, "gpt2cube engine: %s cannot run %s on %s (%s); using the CPU\n", ggml_backend_name(backend),
+                        ggml_op_desc(node), node->src[0] ? ggml_type_name(node->src[0]->type) : "-", node->name);
                 ggml_backend_free(backend);
                 backend = cpu;
             }
+        }
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(wctx, backend);
         if (!buf) throw error(fmt("%s: cannot allocate the weights on %s", path.c_str(), ggml_backend_name(backend)));
         buffers.push_back(buf);
@@ -331,8 +353,20 @@ struct g2c_engine {
             for (int v = 0; v < n_vertices; ++v)
                 for (int k = 0; k < dim; ++k) s[(size_t) v * dim + k] = (v >> k & 1) ? 1.0f : -1.0f;
             ggml_backend_tensor_set(signs, s.data(), 0, ggml_nbytes(signs));
-            for (int r = 0; r <= dim; ++r)
-                ggml_backend_tensor_set(balls[r], ball_ids[r].data(), 0, ball_ids[r].size() * sizeof(int32_t));
+            // ball of radius r around v: the groups u with popcount(u ^ v) <= r, ascending, and as a 0/1 mask
+            std::vector<int32_t> ids;
+            std::vector<float> mask((size_t) n_vertices * n_vertices);
+            for (int r = 0; r <= dim; ++r) {
+                ids.clear();
+                for (int v = 0; v < n_vertices; ++v)
+                    for (int u = 0; u < n_vertices; ++u) {
+                        const bool in = __builtin_popcount(u ^ v) <= r;
+                        mask[(size_t) v * n_vertices + u] = in ? 1.0f : 0.0f;
+                        if (in) ids.push_back(u);
+                    }
+                ggml_backend_tensor_set(balls[r], ids.data(), 0, ids.size() * sizeof(int32_t));
+                ggml_backend_tensor_set(ball_masks[r], mask.data(), 0, mask.size() * sizeof(float));
+            }
         }
     }
 
@@ -362,12 +396,40 @@ struct g2c_engine {
         return ggml_add(c, ggml_mul_mat(c, L.down, h), L.down_b);
     }
 
-    // x [E, n] -> [E, n] through the B groups around each token's vertex; *vertex <- [n] i32
-    ggml_tensor * ffn_routed(ggml_context * c, const layer & L, ggml_tensor * x, int radius, ggml_tensor ** vertex) const {
+    // Which path computes radius r: ggml_mul_mat_id over the B ball groups when the ball holds at
+    // most half of the groups (it reads fewer weights than the dense FFN), else the dense FFN
+    // with the neurons outside the ball zeroed (same result, O(F n) memory whatever B is).
+    bool use_experts(int r) const { return 2 * balls[r]->ne[0] <= n_vertices; }
+
+    // Bytes of intermediate results (and ggml's mul_mat_id work area) per token on the FFN path
+    // of radius r (r < 0: dense), plus attention over n_ctx keys; eval() cuts a batch into
+    // micro-batches that keep this under kBatchBudget.
+    size_t bytes_per_token(int r, bool experts) const {
+        size_t b = (size_t) n_ctx * n_head * 4 * 3 + (size_t) n_ff * 4 * 4 + (size_t) n_embd * 4 * 16;
+        if (r >= 0 && (experts || use_experts(r))) {
+            const size_t B = balls[r]->ne[0];
+            b += (size_t) n_vertices * B * 16             // mul_mat_id's row mapping: [V][B n] entries
+               + B * ((size_t) group * 3 + n_embd * 2) * 4;  // [g, B] up/gelu, [E, B] down and its copy
+        } else if (r >= 0) {
+            b += (size_t) n_vertices * 4 * 2;
+        }
+        return b;
+    }
+
+    // x [E, n] -> [E, n] through the groups around each token's vertex; *vertex <- [n] i32
+    ggml_tensor * ffn_routed(ggml_context * c, const layer & L, ggml_tensor * x, int radius, bool experts,
+                             ggml_tensor ** vertex) const {
         const int64_t n = x->ne[1];
         ggml_tensor * m = ggml_add(c, ggml_mul_mat(c, L.router_w, x), L.router_b);     // [d, n]
         ggml_tensor * score = ggml_mul_mat(c, signs, ggml_sgn(c, m));                    // [V, n]
         *vertex = ggml_argmax(c, score);                                                 // [n] i32
+        if (!experts && !use_experts(radius)) {
+            ggml_tensor * keep = ggml_get_rows(c, ball_masks[radius], *vertex);          // [V, n] 0/1
+            keep = ggml_repeat_4d(c, ggml_reshape_3d(c, keep, 1, n_vertices, n), group, n_vertices, n, 1);
+            ggml_tensor * h = ggml_gelu(c, ggml_add(c, ggml_mul_mat(c, L.up, x), L.up_b));  // [F, n]
+            h = ggml_mul(c, h, ggml_reshape_2d(c, keep, n_ff, n));
+            return ggml_add(c, ggml_mul_mat(c, L.down, h), L.down_b);
+        }
         ggml_tensor * ball = balls[radius];
         const int64_t B = ball->ne[0];
         ggml_tensor * ids = ggml_get_rows(c, ball, *vertex);                             // [B, n] i32
@@ -376,15 +438,14 @@ struct g2c_engine {
         h = ggml_add_id(c, h, ggml_reshape_2d(c, L.up_b, group, n_vertices), ids);
         h = ggml_gelu(c, h);
         ggml_tensor * y = ggml_mul_mat_id(c, L.down_exps, h, ids);                       // [E, B, n]
-        ggml_tensor * sum = ggml_view_2d(c, y, n_embd, n, y->nb[2], 0);
-        for (int64_t j = 1; j < B; ++j)
-            sum = ggml_add(c, sum, ggml_view_2d(c, y, n_embd, n, y->nb[2], j * y->nb[1]));
-        return ggml_add(c, sum, L.down_b);
+        // sum over the B groups in one op: [E, B, n] -> [B, E, n] -> sum_rows [1, E, n]
+        ggml_tensor * sum = B == 1 ? y : ggml_sum_rows(c, ggml_cont(c, ggml_permute(c, y, 1, 0, 2, 3)));
+        return ggml_add(c, ggml_reshape_2d(c, sum, n_embd, n), L.down_b);
     }
 
     ggml_cgraph * build(ggml_context * c, int n, int radius, bool experts, bool all_logits, graph_io & io) const {
         const int E = n_embd, H = n_head, hd = E / H, n_kv = n_past + n;
-        ggml_cgraph * gf = ggml_new_graph_custom(c, 8192, false);
+        ggml_cgraph * gf = ggml_new_graph_custom(c, graph_size, false);
         io.tokens = ggml_new_tensor_1d(c, GGML_TYPE_I32, n);
         io.pos = ggml_new_tensor_1d(c, GGML_TYPE_I32, n);
         io.mask = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_kv, n);
@@ -413,7 +474,7 @@ struct g2c_engine {
             cur = norm(c, ffn_inp, L.ffn_norm, L.ffn_norm_b);
             if (routed) {
                 ggml_tensor * vx = nullptr;
-                cur = ffn_routed(c, L, cur, r, &vx);
+                cur = ffn_routed(c, L, cur, r, experts, &vx);
                 ggml_set_output(vx);
                 ggml_build_forward_expand(gf, vx);
                 io.vertex.push_back(vx);
@@ -431,6 +492,11 @@ struct g2c_engine {
         return gf;
     }
 
+    // Intermediate results of one micro-batch stay under this (and so does ggml_mul_mat_id's
+    // work area, which grows with vertices x ball size x tokens: 3.5 GB for d = 10, r = 6 and 512
+    // tokens in one batch).
+    static constexpr size_t kBatchBudget = 256u << 20;
+
     void eval(const int32_t * tokens, int n, int radius, bool experts, bool all_logits, float * logits,
               int32_t * vertices) {
         if (n <= 0) throw error(fmt("%d tokens; expected at least 1", n));
@@ -441,28 +507,49 @@ struct g2c_engine {
                 throw error(fmt("token %d (at %d) is outside the vocabulary of %d", tokens[i], i, n_vocab));
         if (!dim && (experts || radius >= 0))
             throw error(fmt("%s has no hypercube metadata, so it cannot be routed; convert it with --hypercube-dim", path.c_str()));
-        ggml_init_params p = {ggml_tensor_overhead() * 8192 + ggml_graph_overhead_custom(8192, false), nullptr, true};
+        const bool routed = dim && (experts || (radius >= 0 && radius < dim));
+        const int r = !routed ? -1 : (radius < 0 || radius > dim ? dim : radius);
+        const int ubatch = (int) std::max<size_t>(1, std::min<size_t>(n, kBatchBudget / bytes_per_token(r, experts)));
+        const int n_past0 = n_past;
+        try {
+            for (int i0 = 0; i0 < n; i0 += ubatch) {
+                const int u = std::min(ubatch, n - i0);
+                const bool last = i0 + u == n;
+                float * out = !logits ? nullptr : all_logits ? logits + (size_t) i0 * n_vocab : last ? logits : nullptr;
+                eval_batch(tokens + i0, u, radius, experts, all_logits, out, vertices ? vertices + i0 : nullptr, n);
+            }
+        } catch (...) {
+            n_past = n_past0;  // a failed call leaves the cache as it was
+            throw;
+        }
+    }
+
+    // One micro-batch of u tokens; vertices (layer-major, row stride `stride`) at this batch's offset.
+    void eval_batch(const int32_t * tokens, int u, int radius, bool experts, bool all_logits, float * logits,
+                    int32_t * vertices, int stride) {
+        ggml_init_params p = {ggml_tensor_overhead() * graph_size + ggml_graph_overhead_custom(graph_size, false), nullptr, true};
         ggml_context * c = ggml_init(p);
+        if (!c) throw error("cannot allocate the graph's context");
         std::unique_ptr<ggml_context, void (*)(ggml_context *)> guard(c, ggml_free);
         graph_io io;
-        ggml_cgraph * gf = build(c, n, radius, experts, all_logits, io);
+        ggml_cgraph * gf = build(c, u, radius, experts, all_logits, io);
         ggml_backend_sched_reset(sched);
         if (!ggml_backend_sched_alloc_graph(sched, gf)) throw error("cannot allocate the compute graph");
-        std::vector<int32_t> pos(n);
-        for (int i = 0; i < n; ++i) pos[i] = n_past + i;
-        const int n_kv = n_past + n;
-        std::vector<float> mask((size_t) n_kv * n);
-        for (int i = 0; i < n; ++i)
+        std::vector<int32_t> pos(u);
+        for (int i = 0; i < u; ++i) pos[i] = n_past + i;
+        const int n_kv = n_past + u;
+        std::vector<float> mask((size_t) n_kv * u);
+        for (int i = 0; i < u; ++i)
             for (int j = 0; j < n_kv; ++j) mask[(size_t) i * n_kv + j] = j <= n_past + i ? 0.0f : -INFINITY;
-        ggml_backend_tensor_set(io.tokens, tokens, 0, n * sizeof(int32_t));
-        ggml_backend_tensor_set(io.pos, pos.data(), 0, n * sizeof(int32_t));
+        ggml_backend_tensor_set(io.tokens, tokens, 0, u * sizeof(int32_t));
+        ggml_backend_tensor_set(io.pos, pos.data(), 0, u * sizeof(int32_t));
         ggml_backend_tensor_set(io.mask, mask.data(), 0, mask.size() * sizeof(float));
         if (ggml_backend_sched_graph_compute(sched, gf) != GGML_STATUS_SUCCESS) throw error("graph computation failed");
-        n_past += n;
+        n_past += u;
         if (logits) ggml_backend_tensor_get(io.logits, logits, 0, ggml_nbytes(io.logits));
         if (vertices)
             for (size_t il = 0; il < io.vertex.size(); ++il)
-                ggml_backend_tensor_get(io.vertex[il], vertices + il * n, 0, n * sizeof(int32_t));
+                ggml_backend_tensor_get(io.vertex[il], vertices + il * stride, 0, u * sizeof(int32_t));
     }
 };
 
@@ -492,7 +579,7 @@ g2c_engine * g2c_load(const char * path, int32_t n_ctx, int32_t n_threads, const
         e->init_backend(device ? device : "cpu", n_threads);
         e->load_weights(rw, rb);
         ggml_backend_t bk[2] = {e->backend, e->cpu};
-        e->sched = ggml_backend_sched_new(bk, nullptr, e->backend == e->cpu ? 1 : 2, 8192, false, false);
+        e->sched = ggml_backend_sched_new(bk, nullptr, e->backend == e->cpu ? 1 : 2, e->graph_size, false, false);
         if (!e->sched) throw error("cannot create the ggml scheduler");
         return e.release();
     } catch (const std::exception & ex) {

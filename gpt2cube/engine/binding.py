@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import Gpt2cubeError, InputError
 from .build import EngineUnavailable, library_path
 
 _LIB: ctypes.CDLL | None = None
@@ -32,6 +32,10 @@ def _lib() -> ctypes.CDLL:
             fn.restype, fn.argtypes = res, args
         _LIB = lib
     return _LIB
+
+
+class EngineClosed(Gpt2cubeError):
+    """A RoutedModel was used after close()."""
 
 
 class RoutedModel:
@@ -60,24 +64,31 @@ class RoutedModel:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _handle(self):
+        """The live engine; a closed model is a Python error, never a call into freed memory."""
+        if not getattr(self, "_h", None):
+            raise EngineClosed("the routed model was closed; load the file again")
+        return self._h
+
     @property
     def n_past(self) -> int:
-        return self._lib.g2c_n_past(self._h)
+        return self._lib.g2c_n_past(self._handle())
 
     def reset(self) -> None:
-        self._lib.g2c_reset(self._h)
+        self._lib.g2c_reset(self._handle())
 
     def eval(self, tokens, radius: int | None = None, *, experts: bool = False, want_vertices: bool = False,
              all_logits: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Runs tokens after the cached ones: logits (n, n_vocab), or (1, n_vocab) for the last
         position with all_logits=False, and, on the routed path, vertices (n_layer, n)."""
+        h = self._handle()
         toks = np.ascontiguousarray(tokens, dtype=np.int32)
         n = len(toks)
         logits = np.empty((n if all_logits else 1, self.n_vocab), dtype=np.float32)
         verts = np.full((self.n_layer, n), -1, dtype=np.int32) if want_vertices else None
         r = -1 if radius is None else int(radius)
         rc = self._lib.g2c_eval(
-            self._h, toks.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n, r, int(experts), int(all_logits),
+            h, toks.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n, r, int(experts), int(all_logits),
             logits.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
             verts.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)) if verts is not None else None)
         if rc:

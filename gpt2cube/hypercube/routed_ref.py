@@ -10,8 +10,11 @@ from .metadata import HypercubeInfo
 from .topology import Hypercube
 
 
-def routed_forward(model, info: HypercubeInfo, tokens, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (n, vocab), vertices (n_layer, n)) with every FFN routed at `radius`."""
+def routed_forward(model, info: HypercubeInfo, tokens, radius: int,
+                   vertices_in: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits (n, vocab), vertices (n_layer, n)) with every FFN routed at `radius`. With
+    `vertices_in` (n_layer, n) each token takes that vertex instead of its router's: a token whose
+    margin is within rounding of 0 may go either way, and this compares the FFN arithmetic alone."""
     import torch
 
     cube = Hypercube(info.dim)
@@ -27,6 +30,8 @@ def routed_forward(model, info: HypercubeInfo, tokens, radius: int) -> tuple[np.
         def forward(x):  # x (1, n, E)
             m = x @ w.T + b                                                        # (1, n, d)
             v = ((m > 0).long() << torch.arange(info.dim)).sum(-1)[0]              # (n,)
+            if vertices_in is not None:
+                v = torch.from_numpy(np.asarray(vertices_in[layer], dtype=np.int64))
             vertices.append(v.numpy())
             neurons = (balls[v][:, :, None] * g + torch.arange(g)).reshape(len(v), -1)  # (n, B g)
             up_w = mlp.c_fc.weight.T[neurons]                                      # (n, B g, E)
