@@ -12,7 +12,9 @@ import click
 
 from . import __version__
 from .errors import Gpt2cubeError
+from .eval.spam import SPLITS as SPAM_SPLITS
 from .kernels import QUANT_TYPES
+from .train.ngram import METHODS as NGRAM_METHODS
 from .train.trainer import PRESETS  # light: torch is imported only when training starts
 
 
@@ -160,26 +162,34 @@ def perplexity(model: Path, text_file: Path, ctx: int, hf_dir: Path | None, max_
 @eval_group.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="SMSSpamCollection (ham|spam<TAB>text).")
-@click.option("--test-fraction", type=float, default=0.2, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the stratified split.")
+@click.option("--split", "split_name", type=click.Choice(sorted(SPAM_SPLITS)), default="stratified", show_default=True,
+              help="stratified: " + SPAM_SPLITS["stratified"] + "; balanced: " + SPAM_SPLITS["balanced"]
+                   + ". Both on the deduplicated collection.")
+@click.option("--test-fraction", type=float, default=0.2, show_default=True, help="Stratified split's test share.")
+@click.option("--seed", type=int, default=None, help="Seed of the split [default: 0 stratified, 123 balanced].")
 @click.option("--shots", type=int, default=0, show_default=True, help="Few-shot examples in the prompt.")
 @click.option("--limit", type=int, default=None, help="Score a seeded subsample of N test messages.")
 @click.option("--threads", type=int, default=None)
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
-def spam(model: Path, data: Path, test_fraction: float, seed: int, shots: int, limit: int | None,
-         threads: int | None, quiet: bool, as_json: bool) -> None:
+def spam(model: Path, data: Path, split_name: str, test_fraction: float, seed: int | None, shots: int,
+         limit: int | None, threads: int | None, quiet: bool, as_json: bool) -> None:
     """SMS spam classification: prompted label likelihood and a linear probe on embeddings."""
     from .eval.spam import evaluate_spam
 
     _require_file(model)
-    r = evaluate_spam(model, data, test_fraction=test_fraction, seed=seed, shots=shots, limit=limit,
+    r = evaluate_spam(model, data, split=split_name, test_fraction=test_fraction, seed=seed, shots=shots, limit=limit,
                       n_threads=threads, progress=not quiet)
     if as_json:
         click.echo(json.dumps(r, indent=2, default=float))
         return
-    click.echo(f"{r['test']} test messages ({r['test_spam']} spam), split seed {r['seed']}")
+    d, sp = r["deduplication"], r["split"]
+    click.echo(f"{d['lines']} lines -> {d['distinct_messages']} distinct messages ({d['duplicates_removed']} duplicates "
+               f"removed, {d['conflicting_texts_dropped']} texts labelled both ways dropped)")
+    click.echo(f"{sp['name']} split, seed {sp['seed']}: train {sp['train']['messages']} ({sp['train']['spam']} spam), "
+               f"validation {sp['validation']['messages']}, test {sp['test']['messages']} ({sp['test']['spam']} spam); "
+               f"scored: {r['test']} test messages ({r['test_spam']} spam)" + (" (stratified subsample)" if r["limit"] else ""))
     for name in ("label_likelihood", "linear_probe"):
         m = r[name]
         c = m["confusion"]
@@ -191,20 +201,23 @@ def spam(model: Path, data: Path, test_fraction: float, seed: int, shots: int, l
 @eval_group.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="HellaSwag in llama.cpp's text format.")
-@click.option("--limit", type=int, default=None, help="First N tasks only.")
+@click.option("--limit", type=int, default=None, help="A seeded random subset of N tasks (as llama.cpp does).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the --limit subset.")
 @click.option("--threads", type=int, default=None)
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
-def hellaswag(model: Path, data: Path, limit: int | None, threads: int | None, quiet: bool, as_json: bool) -> None:
+def hellaswag(model: Path, data: Path, limit: int | None, seed: int, threads: int | None, quiet: bool,
+              as_json: bool) -> None:
     """HellaSwag accuracy by length-normalised log-likelihood of each ending."""
     from .eval.hellaswag import evaluate_hellaswag
 
     _require_file(model)
-    r = evaluate_hellaswag(model, data, limit=limit, n_threads=threads, progress=not quiet)
+    r = evaluate_hellaswag(model, data, limit=limit, seed=seed, n_threads=threads, progress=not quiet)
+    subset = f" (random subset, seed {r['seed']}, of {r['tasks_in_file']})" if r["tasks"] < r["tasks_in_file"] else ""
     click.echo(json.dumps(r, indent=2) if as_json else
-               f"HellaSwag: {r['accuracy'] * 100:.2f} % +/- {r['stderr'] * 100:.2f} over {r['tasks']} tasks "
-               f"in {r['seconds']:.1f} s")
+               f"HellaSwag ({r['split']}): {r['accuracy'] * 100:.2f} % +/- {r['stderr'] * 100:.2f} over {r['tasks']} "
+               f"tasks{subset} in {r['seconds']:.1f} s")
 
 
 @main.command()
@@ -430,8 +443,9 @@ def baseline() -> None:
               help="Training text file or directory of .txt files (repeatable).")
 @click.option("--test", "test_path", required=True, type=click.Path(path_type=Path), help="Text to score.")
 @click.option("--exclude", multiple=True, help="File name among --train to leave out (repeatable), e.g. held-out books.")
-@click.option("--method", type=click.Choice(["kn", "backoff"]), default="kn", show_default=True,
-              help="Interpolated Kneser-Ney or absolute-discount backoff.")
+@click.option("--method", type=click.Choice(list(NGRAM_METHODS)), default="mkn", show_default=True,
+              help="mkn: modified Kneser-Ney (three discounts per order, as KenLM's lmplz); kn: interpolated "
+                   "Kneser-Ney with one discount; backoff: absolute-discount backoff.")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Perplexity window, as in eval perplexity.")
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly

@@ -24,7 +24,7 @@ class Task:
     endings: list[str]
 
 
-def read_hellaswag(path: Path, limit: int | None = None) -> list[Task]:
+def read_hellaswag(path: Path) -> list[Task]:
     if not path.is_file():
         raise InputError(f"{path}: no such file; expected HellaSwag in llama.cpp's 6-lines-per-task format")
     lines = path.read_text(encoding="utf-8").split("\n")
@@ -38,11 +38,20 @@ def read_hellaswag(path: Path, limit: int | None = None) -> list[Task]:
         if gold not in ("0", "1", "2", "3"):
             raise InputError(f"{path}:{i + 2}: gold ending index {gold!r}; expected 0, 1, 2 or 3")
         tasks.append(Task(lines[i], int(gold), lines[i + 2 : i + 6]))
-        if limit and len(tasks) >= limit:
-            break
     if not tasks:
         raise InputError(f"{path}: no tasks")
     return tasks
+
+
+def subset(tasks: list[Task], limit: int | None, seed: int) -> list[Task]:
+    """A seeded random subset of `limit` tasks in file order (all of them without a limit): the
+    first N of the file would be a biased sample (the file is grouped by source activity)."""
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit {limit}; expected a positive number of tasks")
+    if not limit or limit >= len(tasks):
+        return tasks
+    keep = np.sort(np.random.default_rng(seed).choice(len(tasks), size=limit, replace=False))
+    return [tasks[i] for i in keep]
 
 
 def ending_scores(seq_logprobs: list[np.ndarray], prefix: int) -> np.ndarray:
@@ -60,14 +69,15 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return max(k, 1)
 
 
-def evaluate_hellaswag(model: Path, data: Path, *, limit: int | None = None, n_threads: int | None = None,
-                       progress: bool = False) -> dict:
+def evaluate_hellaswag(model: Path, data: Path, *, limit: int | None = None, seed: int = 0,
+                       n_threads: int | None = None, progress: bool = False) -> dict:
     from tqdm import tqdm
 
     from .llama_runner import load_llama, model_context
     from .perplexity import token_logprobs
 
-    tasks = read_hellaswag(data, limit)
+    all_tasks = read_hellaswag(data)
+    tasks = subset(all_tasks, limit, seed)
     n_ctx = min(512, model_context(model))
     llm = load_llama(model, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
     t0 = time.perf_counter()
@@ -87,5 +97,6 @@ def evaluate_hellaswag(model: Path, data: Path, *, limit: int | None = None, n_t
     finally:
         llm.close()
     acc = correct / len(tasks)
-    return {"model": str(model), "tasks": len(tasks), "accuracy": acc,
+    return {"model": str(model), "data": str(data), "split": "validation", "tasks_in_file": len(all_tasks),
+            "tasks": len(tasks), "seed": seed, "accuracy": acc,
             "stderr": math.sqrt(acc * (1 - acc) / len(tasks)), "seconds": time.perf_counter() - t0}

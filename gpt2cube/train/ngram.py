@@ -1,4 +1,5 @@
-"""N-gram language models on the GPT-2 token stream: interpolated Kneser-Ney and a simple
+"""N-gram language models on the GPT-2 token stream: modified Kneser-Ney (the standard, as
+KenLM's lmplz estimates it), interpolated Kneser-Ney with one discount, and a simple
 absolute-discount backoff, orders 1..5, scored with the same perplexity definition as
 `gpt2cube eval perplexity` (same windows, same scored tokens).
 
@@ -12,6 +13,14 @@ D = n1 / (n1 + 2 n2) from that order's count-of-counts):
     lower orders use continuation counts N1+(. h w) in place of c(h w) (and their sums),
     P_1(w)      = max(N1+(. w) - D, 0) / N1+(. .) + D * |{w}| / N1+(. .) / V    (uniform floor)
     a context never seen passes the lower-order probability through unchanged.
+Modified Kneser-Ney (Chen & Goodman 1998, interpolated; what lmplz estimates) is the same with
+three discounts per order, by the (continuation) count being discounted:
+    D(c) = D1 if c = 1, D2 if c = 2, D3+ if c >= 3, with Y = n1 / (n1 + 2 n2),
+    D1 = 1 - 2 Y n2 / n1,  D2 = 2 - 3 Y n3 / n2,  D3+ = 3 - 4 Y n4 / n3
+    (n_i: that order's number of n-grams with count i), and the lower-order weight of context h
+    gamma(h) = (D1 N1(h .) + D2 N2(h .) + D3+ N3+(h .)) / c(h).
+    When an order lacks counts of 1 to 4 (tiny corpora) the formulas are undefined (lmplz stops
+    there): that order falls back to the single discount n1 / (n1 + 2 n2) for every count.
 Backoff (Katz-style with absolute discounting, raw counts at every order):
     P(w | h) = (c(h w) - D) / c(h)                         if c(h w) > 0
              = alpha(h) * P(w | h')                         otherwise,
@@ -28,7 +37,7 @@ import numpy as np
 from ..errors import InputError
 
 MAX_ORDER = 5
-METHODS = ("kn", "backoff")
+METHODS = ("mkn", "kn", "backoff")
 # With no count-2 n-grams D = n1 / (n1 + 2 n2) is 1, and a singleton's backoff estimate
 # (c - D) / c(h) would be 0; interpolated KN survives that (it adds the lower order), backoff not.
 BACKOFF_MAX_DISCOUNT = 0.95
@@ -51,7 +60,9 @@ class _Order:
     ctx_types: np.ndarray   # N1+(h .): distinct words seen after h
     gram_keys: np.ndarray   # sorted (ctx id << 16 | w)
     gram_count: np.ndarray  # c(h w) (or continuation count)
-    discount: float
+    discount: float         # the single discount (kn, backoff)
+    discounts: np.ndarray   # (D for count 0 = 0, D1, D2, D3+): per count, mkn (all = discount for kn)
+    ctx_mass: np.ndarray    # sum over words seen after h of D(c(h w)): gamma(h) * c(h)
     alpha_norm: np.ndarray | None = None  # backoff: 1 - sum of lower-order mass of seen words
 
 
@@ -60,8 +71,28 @@ def _discount(counts: np.ndarray) -> float:
     return n1 / (n1 + 2 * n2) if n1 + n2 > 0 and n1 > 0 else 0.5
 
 
+def _modified_discounts(counts: np.ndarray) -> np.ndarray | None:
+    """(0, D1, D2, D3+) by Chen & Goodman's estimates, or None when n1..n4 are not all positive."""
+    n = [int((counts == i).sum()) for i in (1, 2, 3, 4)]
+    if min(n) == 0:
+        return None
+    y = n[0] / (n[0] + 2 * n[1])
+    d = [1 - 2 * y * n[1] / n[0], 2 - 3 * y * n[2] / n[1], 3 - 4 * y * n[3] / n[2]]
+    return np.array([0.0] + [min(max(x, 0.0), i + 1.0) for i, x in enumerate(d)])
+
+
+def _discount_table(counts: np.ndarray, modified: bool) -> tuple[float, np.ndarray]:
+    single = _discount(counts)
+    table = _modified_discounts(counts) if modified else None
+    return single, table if table is not None else np.array([0.0, single, single, single])
+
+
+def _discount_of(table: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return table[np.minimum(c, 3).astype(np.int64)]
+
+
 class NGramModel:
-    def __init__(self, order: int, method: str = "kn", vocab_size: int = 50257) -> None:
+    def __init__(self, order: int, method: str = "mkn", vocab_size: int = 50257) -> None:
         if not 1 <= order <= MAX_ORDER:
             raise InputError(f"--order {order}; expected 1 to {MAX_ORDER}")
         if method not in METHODS:
@@ -76,7 +107,7 @@ class NGramModel:
             raise InputError(f"the training text has {len(t)} tokens; order {self.order} needs at least {self.order}")
         if t.max() >= self.V:
             raise InputError(f"token id {int(t.max())} is outside the vocabulary of {self.V}")
-        kn = self.method == "kn" and self.order > 1
+        kn = self.method in ("kn", "mkn") and self.order > 1
         # unigram: raw counts, or continuation counts N1+(. w) for KN
         if kn:
             big = np.unique(t[:-1] * self.V + t[1:])
@@ -86,7 +117,8 @@ class NGramModel:
         self.uni_count = uni.astype(np.float64)
         self.uni_total = float(uni.sum())
         self.uni_types = int((uni > 0).sum())
-        self.uni_D = _discount(uni[uni > 0])
+        self.uni_D, self.uni_table = _discount_table(uni[uni > 0], self.method == "mkn")
+        self.uni_mass = float(_discount_of(self.uni_table, uni[uni > 0]).sum())
         for k in range(2, self.order + 1):
             starts = np.arange(len(t) - k + 1)
             ctx = pack(t, starts, k - 1)
@@ -111,7 +143,9 @@ class NGramModel:
         gram_ctx = (grams >> np.uint64(16)).astype(np.int64)
         total = np.bincount(gram_ctx, weights=counts, minlength=len(ctx_keys))
         types = np.bincount(gram_ctx, minlength=len(ctx_keys))
-        return _Order(ctx_keys, total, types, grams, counts.astype(np.float64), _discount(counts))
+        single, table = _discount_table(counts, self.method == "mkn")
+        mass = np.bincount(gram_ctx, weights=_discount_of(table, counts), minlength=len(ctx_keys))
+        return _Order(ctx_keys, total, types, grams, counts.astype(np.float64), single, table, mass)
 
     def _backoff_norms(self, t: np.ndarray) -> None:
         """alpha(h) denominators: 1 - sum over words seen after h of P_lower(w | h')."""
@@ -128,11 +162,11 @@ class NGramModel:
 
     # ---- probabilities --------------------------------------------------------------------
     def _unigram(self, w: np.ndarray) -> np.ndarray:
-        D = self.uni_D
-        return (np.maximum(self.uni_count[w] - D, 0) + D * self.uni_types / self.V) / self.uni_total
+        c = self.uni_count[w]
+        return (np.maximum(c - _discount_of(self.uni_table, c), 0) + self.uni_mass / self.V) / self.uni_total
 
     def _lookup(self, o: _Order, hist: np.ndarray, w: np.ndarray):
-        """(context index or -1, c(h), N1+(h .), c(h w)) for each row of hist (n, k-1)."""
+        """(context index, seen, c(h), N1+(h .), c(h w)) for each row of hist (n, k-1)."""
         key = _pack_rows(hist)
         pos = np.searchsorted(o.ctx_keys, key)
         pos_c = np.minimum(pos, len(o.ctx_keys) - 1)
@@ -146,12 +180,11 @@ class NGramModel:
     def _prob(self, hist: np.ndarray, w: np.ndarray, order: int) -> np.ndarray:
         """P(w | last order-1 tokens of hist); hist is (n, >= order-1), most recent last."""
         p = self._unigram(w)
-        if self.method == "kn":
+        if self.method in ("kn", "mkn"):
             for k in range(2, order + 1):
                 o = self.orders[k]
                 ci, seen, c_h, n_h, c_hw = self._lookup(o, hist[:, hist.shape[1] - (k - 1):], w)
-                D = o.discount
-                interp = (np.maximum(c_hw - D, 0) + D * n_h * p) / np.where(seen, c_h, 1)
+                interp = (np.maximum(c_hw - _discount_of(o.discounts, c_hw), 0) + o.ctx_mass[ci] * p) / np.where(seen, c_h, 1)
                 p = np.where(seen, interp, p)
             return p
         for k in range(2, order + 1):
