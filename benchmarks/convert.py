@@ -60,7 +60,7 @@ def weight_rmse(gguf_path: Path, src: Path) -> tuple[float | None, float | None]
 
     from gpt2cube.converter.arch import arch_for
     from gpt2cube.converter.checkpoint import open_checkpoint
-    from gpt2cube.converter.inspect import read_gguf
+    from gpt2cube.gguf_file import read_gguf
     from gpt2cube.kernels import QUANT_TYPES
     from gpt2cube.kernels.ggml_ref import ggml_quantize
 
@@ -105,7 +105,7 @@ def main() -> None:
 
     copy_s, _ = median_of(args.repeats, copy_once)
     (args.workdir / "copy.bin").unlink()
-    from gpt2cube.converter.inspect import inspect_gguf
+    from gpt2cube.inspect_gguf import inspect_gguf
 
     rows = []
     for name in args.variants:

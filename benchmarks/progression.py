@@ -36,7 +36,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from gpt2cube.converter import convert
     from gpt2cube.eval.perplexity import llama_perplexity
-    from gpt2cube.synth import hf_tokenizer
+    from gpt2cube.tokenizers import encode_text, hf_tokenizer
     from gpt2cube.train.data import corpus_files, load_tokens, split_holdout
     from gpt2cube.train.ngram import NGramModel, ngram_perplexity
 
@@ -47,7 +47,7 @@ def main() -> None:
     tests = {"held-out books": "\n".join(f.read_text(encoding="utf-8") for f in held),
              "wikitext-2 test": (args.data / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")}
     tok = hf_tokenizer()
-    test_tokens = {k: np.array(tok.encode(v)) for k, v in tests.items()}
+    test_tokens = {k: np.array(encode_text(tok, v)) for k, v in tests.items()}
     train_tokens = load_tokens(train_files)
     args.out.mkdir(parents=True, exist_ok=True)
 

@@ -20,7 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -56,11 +55,12 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from gpt2cube.converter import convert
     from gpt2cube.engine.binding import RoutedModel
-    from gpt2cube.eval.llama_runner import GGUFTokenizer, load_llama
+    from gpt2cube.eval.llama_runner import load_llama
     from gpt2cube.eval.perplexity import llama_perplexity
     from gpt2cube.eval.routed import routed_perplexity
     from gpt2cube.hypercube.build import HypercubeOptions
     from gpt2cube.hypercube.topology import Hypercube
+    from gpt2cube.tokenizers import GGUFTokenizer
 
     books = DATA / "gutenberg" / "books"
     if not books.is_dir():

@@ -104,7 +104,7 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
 @_fail_cleanly
 def inspect(file: Path, as_json: bool) -> None:
     """Show a GGUF file's architecture, hyper-parameters, tensors and metadata."""
-    from .converter.inspect import format_report, inspect_gguf
+    from .inspect_gguf import format_report, inspect_gguf
 
     info = inspect_gguf(file)
     click.echo(json.dumps(info, indent=2, default=str) if as_json else format_report(info))
@@ -235,7 +235,8 @@ def hellaswag(model: Path, data: Path, limit: int | None, seed: int, threads: in
 def generate(model: Path, prompts, n_tokens: int, temperature: float, seed: int, quality: bool,
              reference: Path | None, threads: int | None, as_json: bool) -> None:
     """Generate text with MODEL in llama.cpp (and measure sample quality)."""
-    from .eval.generate import DEFAULT_PROMPTS, generate as run_generate, sample_quality
+    from .eval.generate import DEFAULT_PROMPTS, sample_quality
+    from .eval.generate import generate as run_generate
 
     _require_file(model)
     prompts = list(prompts) or DEFAULT_PROMPTS
@@ -350,7 +351,7 @@ def route(model: Path, prompt: str, radius: int | None, n_tokens: int, temperatu
 @_fail_cleanly
 def concepts(model: Path, text: str, top: int, as_json: bool) -> None:
     """The vertex TEXT routes to in each layer of MODEL, and the nearest concepts of its map."""
-    from .hypercube.concepts import text_routes
+    from .hypercube.routes import text_routes
 
     _require_file(model)
     r = text_routes(model, text, top)
@@ -411,7 +412,8 @@ def build() -> None:
 def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size, lr, warmup_steps, eval_every,
           holdout, seed, device, threads, precision, stop_at, resume, quiet, as_json) -> None:
     """Train a GPT-2 from scratch and write a Hugging Face checkpoint that `convert` takes."""
-    from .train.trainer import TrainConfig, train as run_train
+    from .train.trainer import TrainConfig
+    from .train.trainer import train as run_train
 
     shape = dict(zip(("n_layer", "n_embd", "n_head", "ctx"), PRESETS[preset or "reference"]))
     for key, value in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head), ("ctx", ctx)):
@@ -454,7 +456,7 @@ def ngram(order: int, train_paths, test_path: Path, exclude, method: str, ctx: i
     import time
 
     from .eval.perplexity import read_text
-    from .synth import hf_tokenizer
+    from .tokenizers import encode_text, hf_tokenizer
     from .train.data import corpus_files, load_tokens, split_holdout
     from .train.ngram import NGramModel, ngram_perplexity
 
@@ -463,7 +465,7 @@ def ngram(order: int, train_paths, test_path: Path, exclude, method: str, ctx: i
     tokens = load_tokens(files)
     model = NGramModel(order, method).fit(tokens)
     fit_s = time.perf_counter() - t0
-    test_tokens = hf_tokenizer().encode(read_text(test_path))
+    test_tokens = encode_text(hf_tokenizer(), read_text(test_path))
     r = ngram_perplexity(model, test_tokens, ctx)
     out = {**r.as_json(), "order": order, "method": method, "train_tokens": int(len(tokens)), "fit_seconds": round(fit_s, 2)}
     click.echo(json.dumps(out, indent=2) if as_json else

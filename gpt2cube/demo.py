@@ -18,9 +18,18 @@ from typing import Callable
 import numpy as np
 
 from .converter import convert
-from .converter.inspect import inspect_gguf
+from .engine.build import EngineUnavailable
+from .eval.bench import bench
 from .eval.llama_runner import llama_logits
+from .eval.perplexity import llama_perplexity
+from .eval.routed import routed_perplexity
+from .hypercube.build import HypercubeOptions
+from .hypercube.topology import Hypercube
+from .inspect_gguf import inspect_gguf
 from .kernels import QUANT_TYPES
+from .models import hf_logits, load_hf_model
+from .synth import make_random_gpt2
+from .tokenizers import encode_text, hf_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "models" / "reference"
@@ -33,9 +42,6 @@ TEXT = (
 
 def run_demo(workdir: Path | None, log: Callable[[str], None], model: Path | None = None,
              max_windows: int = 40, types: list[str] | None = None) -> list[dict]:
-    from .eval.bench import bench
-    from .eval.perplexity import llama_perplexity
-    from .synth import hf_logits, hf_tokenizer, make_random_gpt2
 
     with tempfile.TemporaryDirectory(prefix="gpt2cube-demo-") as tmp:
         root = Path(workdir) if workdir else Path(tmp)
@@ -45,12 +51,9 @@ def run_demo(workdir: Path | None, log: Callable[[str], None], model: Path | Non
             log(f"no reference model at {REFERENCE}; building a random GPT-2 (4 x 256) in {root / 'model'}")
             src, hf = make_random_gpt2(root / "model", n_layer=4, n_embd=256, n_head=4, init_std=0.1)
         else:
-            import torch
-            from transformers import GPT2LMHeadModel
-
-            src, hf = model, GPT2LMHeadModel.from_pretrained(model, dtype=torch.float32).eval()
+            src, hf = model, load_hf_model(model)
             log(f"model: {src}")
-        tokens = hf_tokenizer().encode(TEXT)
+        tokens = encode_text(hf_tokenizer(), TEXT)
         ref = hf_logits(hf, tokens)
         book = HELD_OUT_BOOK.read_text(encoding="utf-8") if model is not None and HELD_OUT_BOOK.is_file() else None
         if model is not None and book is None:
@@ -94,11 +97,6 @@ def run_routed_demo(workdir: Path | None, log: Callable[[str], None], model: Pat
     then held-out perplexity in stock llama.cpp and in the routed engine, dense and at each
     radius. Empty (with a line on stderr) when the engine, the reference model or the data is
     missing: the rest of the main job does not depend on it."""
-    from .engine.build import EngineUnavailable
-    from .eval.perplexity import llama_perplexity
-    from .eval.routed import routed_perplexity
-    from .hypercube.build import HypercubeOptions
-    from .hypercube.topology import Hypercube
 
     model = model or (REFERENCE if (REFERENCE / "config.json").is_file() else None)
     if model is None or not HELD_OUT_BOOK.is_file() or not CALIB_BOOK.is_file():

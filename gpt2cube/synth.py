@@ -1,5 +1,6 @@
-"""Random GPT-2 checkpoints in every layout transformers writes, for tests, the demo and
-benchmarks (no weights are ever downloaded).
+"""Random GPT-2 checkpoints in every layout transformers writes (no weights are ever
+downloaded): the fixture factory of the tests and benchmarks, and the demo's stand-in when the
+reference model is absent. Nothing else in the package imports it.
 
 Every parameter is random, norms and biases included (a freshly initialised model has unit norm
 weights and zero biases, which would hide a mis-mapped bias), and `init_std` can be raised so
@@ -12,9 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 
-from .converter.tokenizer import bundled_gpt2_files
+from .tokenizers import bundled_gpt2_files, hf_tokenizer
 
 
 def make_random_gpt2(
@@ -98,23 +98,3 @@ def _write_tokenizer(out_dir: Path, kind: str | None) -> None:
         hf_tokenizer(encoder, bpe).backend_tokenizer.save(str(out_dir / "tokenizer.json"))
     else:
         raise ValueError(f"tokenizer kind {kind!r}; expected 'files', 'json' or None")
-
-
-def hf_tokenizer(vocab_json: Path | None = None, merges: Path | None = None):
-    """GPT-2's fast tokenizer from vocab/merges files (default: the bundled GPT-2 files)."""
-    from transformers import GPT2TokenizerFast
-
-    if vocab_json is None or merges is None:
-        vocab_json, merges = bundled_gpt2_files()
-    vocab = json.loads(Path(vocab_json).read_text(encoding="utf-8"))
-    pairs = [tuple(ln.split(" ")) for ln in Path(merges).read_text(encoding="utf-8").splitlines()
-             if ln and not ln.startswith("#version")]
-    return GPT2TokenizerFast(vocab=vocab, merges=pairs)
-
-
-def hf_logits(model, tokens: list[int]) -> np.ndarray:
-    """fp32 transformers logits, (n_tokens, vocab)."""
-    import torch
-
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].float().numpy()

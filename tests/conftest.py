@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt2cube.synth import hf_tokenizer, make_random_gpt2
+from gpt2cube.synth import make_random_gpt2
+from gpt2cube.tokenizers import hf_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

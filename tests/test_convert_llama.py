@@ -20,7 +20,8 @@ import pytest
 
 from gpt2cube.converter import convert
 from gpt2cube.eval.llama_runner import llama_greedy, llama_logits, load_llama
-from gpt2cube.synth import hf_logits, hf_tokenizer
+from gpt2cube.models import hf_logits
+from gpt2cube.tokenizers import hf_tokenizer
 
 TOLERANCE = {"f32": 0.006, "f16": 0.02, "bf16": 0.12, "q8_0": 0.4}
 FLOAT_TYPES = ("f32", "f16")

@@ -13,13 +13,13 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from gpt2cube.cli import main
 from gpt2cube.converter import convert
-from gpt2cube.converter.inspect import read_gguf
 from gpt2cube.errors import InputError
-from gpt2cube.eval.dequantized import model_from_gguf
 from gpt2cube.eval.llama_runner import llama_logits_no_repack
+from gpt2cube.gguf_file import read_gguf
 from gpt2cube.hypercube.build import HypercubeOptions
 from gpt2cube.hypercube.metadata import read_hypercube
 from gpt2cube.hypercube.routed_ref import routed_forward
+from gpt2cube.models import model_from_gguf
 
 TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k", "tq1_0", "tq2_0"]
 

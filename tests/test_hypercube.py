@@ -12,15 +12,15 @@ from click.testing import CliRunner
 
 from gpt2cube.cli import main
 from gpt2cube.converter import convert
-from gpt2cube.converter.inspect import read_gguf
 from gpt2cube.errors import InputError
 from gpt2cube.eval.llama_runner import llama_logits
+from gpt2cube.gguf_file import read_gguf
 from gpt2cube.hypercube.build import HypercubeOptions
 from gpt2cube.hypercube.calibrate import assign_neurons, calibrate, fit_router, route
 from gpt2cube.hypercube.concepts import read_concepts
 from gpt2cube.hypercube.metadata import read_hypercube
 from gpt2cube.hypercube.topology import Hypercube
-from gpt2cube.synth import hf_logits, hf_tokenizer
+from gpt2cube.models import hf_logits
 
 CONCEPTS = "sea: the ship sailed over the grey ocean\nroyalty: the king and the queen in their palace\nmoney: ten pounds in gold coins\n"
 
@@ -172,7 +172,7 @@ def test_stock_llama_cpp_runs_the_hypercube_file_unchanged(cube_files, prompt_to
 
 
 def test_quantized_hypercube_file_runs_in_llama_cpp(checkpoints, calib_file, tmp_path, prompt_tokens):
-    from gpt2cube.eval.dequantized import model_from_gguf
+    from gpt2cube.models import model_from_gguf
 
     src, _ = checkpoints["small"]
     out = tmp_path / "q.gguf"

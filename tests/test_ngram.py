@@ -85,7 +85,7 @@ def test_cli_ngram_and_errors(tmp_path):
 
 @pytest.mark.skipif(not (SHARED / "gutenberg" / "books").is_dir(), reason="../shared/data/gutenberg is absent")
 def test_higher_orders_help_on_real_books():
-    from gpt2cube.synth import hf_tokenizer
+    from gpt2cube.tokenizers import hf_tokenizer
 
     books = SHARED / "gutenberg" / "books"
     tok = hf_tokenizer()

@@ -21,9 +21,8 @@ from gguf import GGUFReader
 from gpt2cube.cli import main
 from gpt2cube.converter import convert
 from gpt2cube.converter.plan import Recipe
-from gpt2cube.eval.dequantized import dequantized_model
 from gpt2cube.eval.llama_runner import llama_logits
-from gpt2cube.synth import hf_logits
+from gpt2cube.models import dequantized_model, hf_logits
 
 ACT_TOL = 0.25
 CASES = [("q8_0", "tensor"), ("q4_0", "tensor"), ("q4_k", "tensor"), ("tq2_0", "tensor"),

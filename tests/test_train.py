@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from gpt2cube.cli import main
 from gpt2cube.converter import convert
 from gpt2cube.eval.llama_runner import llama_logits
-from gpt2cube.synth import hf_logits
+from gpt2cube.models import hf_logits
 from gpt2cube.train.trainer import TrainConfig, train
 
 TEXT = " ".join(

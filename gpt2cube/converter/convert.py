@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 from gguf import GGUFWriter
@@ -26,10 +26,23 @@ from .. import __version__
 from .. import constants as K
 from ..errors import OutputError
 from ..kernels import get_quant_type
-from .arch import arch_for
+from .arch import Architecture, arch_for
 from .checkpoint import Checkpoint, open_checkpoint
 from .plan import PlannedTensor, Recipe, plan_types
 from .tokenizer import load_vocab
+
+
+class PreparedExtension(Protocol):
+    def permute(self, gguf_name: str, data: np.ndarray) -> np.ndarray: ...
+    def write_metadata(self, writer: GGUFWriter) -> None: ...
+
+
+class ConvertExtension(Protocol):
+    """Something computed from the checkpoint and stored in the file (the hypercube): `prepare`
+    checks its options against the model and the planned types, then does its work."""
+
+    def prepare(self, ckpt: Checkpoint, arch: Architecture, planned: list[PlannedTensor],
+                log: Callable[[str], None]) -> PreparedExtension: ...
 
 
 @dataclass
@@ -87,8 +100,10 @@ def convert(
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
-    hypercube=None,  # hypercube.build.HypercubeOptions: calibrate, permute the FFNs, write hypercube.*
+    hypercube: ConvertExtension | None = None,
 ) -> ConvertResult:
+    """`hypercube` (hypercube.build.HypercubeOptions, or any ConvertExtension) is prepared on the
+    checkpoint before anything is written: it may reorder tensors and adds metadata."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     ckpt = open_checkpoint(src)
@@ -101,20 +116,12 @@ def convert(
     warnings = arch.warnings + vocab_warnings + plan_warnings
     for w in warnings:
         log(f"warning: {w}")
-    cube = None
-    if hypercube is not None:
-        from ..hypercube.build import build_hypercube, check_options
-
-        check_options(hypercube, arch.n_ff, arch.n_layer,
-                      [p.qtype for p in planned if p.spec.gguf_name.endswith(".ffn_down.weight")])
-        cube = build_hypercube(ckpt, arch, hypercube, log)
+    cube = hypercube.prepare(ckpt, arch, planned, log) if hypercube is not None else None
 
     writer = GGUFWriter(path=None, arch=arch.gguf_arch)
     _write_metadata(writer, ckpt, arch, vocab, planned, recipe)
     if cube is not None:
-        from ..hypercube.metadata import write_hypercube
-
-        write_hypercube(writer, cube.calibration, cube.concepts)
+        cube.write_metadata(writer)
     for p in planned:
         writer.add_tensor_info(p.spec.gguf_name, p.spec.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype.ggml_type)
 

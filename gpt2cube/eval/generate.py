@@ -13,6 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..gguf_file import model_context
+from .llama_runner import load_llama
+from .perplexity import token_logprobs
+
 DEFAULT_PROMPTS = [
     "It was a dark and stormy night, and",
     "The old man looked at the sea and said",
@@ -23,7 +27,6 @@ DEFAULT_PROMPTS = [
 
 def generate(model: Path, prompt: str, *, n_tokens: int = 64, temperature: float = 0.8, top_k: int = 40,
              seed: int = 0, n_threads: int | None = None) -> str:
-    from .llama_runner import load_llama, model_context
 
     llm = load_llama(model, n_ctx=min(512, model_context(model)), n_threads=n_threads)
     try:
@@ -49,8 +52,6 @@ def repetition_rate(token_lists: list[list[int]], window: int = 16) -> float:
 
 def reference_perplexity(reference: Path, prompts: list[str], samples: list[str], n_threads: int | None = None) -> float:
     """Perplexity of the sample tokens (not the prompts) under `reference`."""
-    from .llama_runner import load_llama, model_context
-    from .perplexity import token_logprobs
 
     llm = load_llama(reference, n_ctx=min(512, model_context(reference)), logits_all=True, n_threads=n_threads)
     nll, count = 0.0, 0
@@ -73,7 +74,6 @@ def reference_perplexity(reference: Path, prompts: list[str], samples: list[str]
 
 def sample_quality(model: Path, prompts: list[str], *, reference: Path | None = None, n_tokens: int = 64,
                    seed: int = 0, n_threads: int | None = None) -> dict:
-    from .llama_runner import load_llama, model_context
 
     samples = [generate(model, p, n_tokens=n_tokens, seed=seed + i, n_threads=n_threads) for i, p in enumerate(prompts)]
     llm = load_llama(model, n_ctx=min(512, model_context(model)), n_threads=n_threads)

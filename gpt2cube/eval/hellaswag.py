@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..gguf_file import model_context
+from .llama_runner import load_llama
+from .perplexity import token_logprobs
 
 
 @dataclass
@@ -73,8 +76,6 @@ def evaluate_hellaswag(model: Path, data: Path, *, limit: int | None = None, see
                        n_threads: int | None = None, progress: bool = False) -> dict:
     from tqdm import tqdm
 
-    from .llama_runner import load_llama, model_context
-    from .perplexity import token_logprobs
 
     all_tasks = read_hellaswag(data)
     tasks = subset(all_tasks, limit, seed)

@@ -57,35 +57,6 @@ def llama_greedy(path: Path, tokens: list[int], n_new: int, *, n_threads: int | 
         llm.close()
 
 
-def model_context(path: Path) -> int:
-    """The context length a GGUF was trained with (`{arch}.context_length`)."""
-    from ..converter.inspect import field_value, read_gguf
-
-    reader = read_gguf(path)
-    arch = field_value(reader, "general.architecture", "gpt2")
-    return int(field_value(reader, f"{arch}.context_length", 0))
-
-
-class GGUFTokenizer:
-    """The file's own tokenizer, through llama.cpp (vocab only: no weights are loaded)."""
-
-    def __init__(self, path: Path) -> None:
-        from llama_cpp import Llama
-        from llama_cpp._utils import suppress_stdout_stderr
-
-        with suppress_stdout_stderr(disable=False):  # a vocab-only context still warns about n_ctx
-            self._llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
-
-    def encode(self, text: str) -> list[int]:
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
-
-    def decode(self, tokens: list[int]) -> str:
-        return self._llm.detokenize(tokens).decode("utf-8", errors="replace")
-
-    def close(self) -> None:
-        self._llm.close()
-
-
 def llama_logits_no_repack(path: Path, tokens: list[int], *, n_threads: int | None = None) -> np.ndarray:
     """Like `llama_logits` (f32 KV cache, every position) but with llama.cpp's CPU weight repacking
     off (`use_extra_bufts = false`): Q4_0/Q4_K weights then run the same ggml kernels as in any

@@ -20,6 +20,10 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
+from ..gguf_file import model_context
+from ..models import load_hf_model
+from ..tokenizers import encode_text, hf_tokenizer
+from .llama_runner import load_llama
 
 
 @dataclass
@@ -99,7 +103,6 @@ def read_text(path: Path) -> str:
 
 def llama_perplexity(model: Path, text: str, ctx: int = 512, *, max_windows: int | None = None,
                      n_threads: int | None = None, progress: bool = False) -> PerplexityResult:
-    from .llama_runner import load_llama, model_context
 
     n_train = model_context(model)
     if ctx > n_train:
@@ -121,16 +124,13 @@ def llama_perplexity(model: Path, text: str, ctx: int = 512, *, max_windows: int
 def hf_perplexity(model_dir: Path, text: str, ctx: int = 512, *, max_windows: int | None = None,
                   progress: bool = False) -> PerplexityResult:
     import torch
-    from transformers import GPT2LMHeadModel
-
-    from ..synth import hf_tokenizer
 
     vocab, merges = model_dir / "vocab.json", model_dir / "merges.txt"
     tok = hf_tokenizer(vocab, merges) if vocab.is_file() and merges.is_file() else hf_tokenizer()
-    model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_hf_model(model_dir)
     if ctx > model.config.n_positions:
         raise InputError(f"--ctx {ctx} is longer than the model's context length {model.config.n_positions} ({model_dir})")
-    tokens = np.array(tok.encode(text))
+    tokens = np.array(encode_text(tok, text))
 
     def logits(window: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -9,11 +9,17 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from ..gguf_file import field_value, read_gguf
+from ..inspect_gguf import inspect_gguf
+from .bench import bench
+from .hellaswag import evaluate_hellaswag
+from .perplexity import hf_perplexity, llama_perplexity, read_text
+from .spam import evaluate_spam
+
 RESULTS_SCHEMA_VERSION = 1
 
 
 def _label(model: Path) -> str:
-    from ..converter.inspect import field_value, read_gguf
 
     kind = field_value(read_gguf(model), "gpt2cube.output_type", None)
     return f"{model.stem}" + (f" [{kind}]" if kind and kind not in model.stem else "")
@@ -26,11 +32,6 @@ def run_compare(models: list[Path], out: Path, *, text: Path | None = None, hf: 
                 log: Callable[[str], None] = print) -> dict:
     from tqdm import tqdm
 
-    from ..converter.inspect import inspect_gguf
-    from .bench import bench
-    from .hellaswag import evaluate_hellaswag
-    from .perplexity import hf_perplexity, llama_perplexity, read_text
-    from .spam import evaluate_spam
 
     text_str = read_text(text) if text else None
     steps = [(m, job) for m in models for job in ("info", "perplexity", "spam", "hellaswag", "bench")

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .llama_runner import GGUFTokenizer, default_threads, model_context
+from ..gguf_file import model_context
+from ..tokenizers import GGUFTokenizer
+from .llama_runner import default_threads
 from .perplexity import PerplexityResult, perplexity
 
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..gguf_file import model_context
+from .llama_runner import load_llama
 
 LABELS = ("ham", "spam")
 PROMPT = "Is this SMS message spam or ham?\n"
@@ -232,7 +234,6 @@ def evaluate_spam(model: Path, data: Path, *, split: str = "stratified", test_fr
                   n_threads: int | None = None, progress: bool = False) -> dict:
     from tqdm import tqdm
 
-    from .llama_runner import load_llama, model_context
 
     dedup = deduplicate(read_sms(data))
     msgs = dedup.messages

@@ -12,8 +12,11 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
+from ..models import checkpoint_model
+from ..tokenizers import encode_text, hf_tokenizer
 from .calibrate import Calibration, calibrate, calibration_tokens
 from .concepts import ConceptMap, build_concept_map, read_concepts
+from .metadata import write_hypercube
 from .topology import MAX_DIM, Hypercube
 
 
@@ -24,6 +27,13 @@ class HypercubeOptions:
     calib_tokens: int = 8192
     concepts: Path | None = None
     concept_layer: int | None = None  # default: the middle layer
+
+    def prepare(self, ckpt, arch, planned, log: Callable[[str], None]) -> "HypercubeBuild":
+        """The converter's extension hook: check against the model and ffn_down's planned
+        types, then calibrate."""
+        check_options(self, arch.n_ff, arch.n_layer,
+                      [p.qtype for p in planned if p.spec.gguf_name.endswith(".ffn_down.weight")])
+        return build_hypercube(ckpt, arch, self, log)
 
 
 @dataclass
@@ -41,6 +51,9 @@ class HypercubeBuild:
             return data
         perm = self.calibration.layers[int(m[1])].perm
         return data[:, perm] if m[2] == "down" else data[perm]
+
+    def write_metadata(self, writer) -> None:
+        write_hypercube(writer, self.calibration, self.concepts)
 
 
 def check_options(opts: HypercubeOptions, n_ff: int, n_layer: int, down_types: list) -> None:
@@ -66,31 +79,18 @@ def check_options(opts: HypercubeOptions, n_ff: int, n_layer: int, down_types: l
         raise InputError(f"--concept-layer {opts.concept_layer}; expected 0..{n_layer - 1}")
 
 
-def hf_model(ckpt, arch):
-    """A transformers GPT-2 holding exactly the checkpoint's weights, read by our own loader (so
-    every layout `convert` takes works here too)."""
-    from ..eval.dequantized import hf_gpt2
-
-    config = dict(n_layer=arch.n_layer, n_embd=arch.n_embd, n_head=arch.n_head, n_positions=arch.n_ctx,
-                  n_inner=arch.n_ff, vocab_size=arch.n_vocab, layer_norm_epsilon=arch.eps,
-                  activation_function=ckpt.config.get("activation_function", "gelu_new"), tie_word_embeddings=arch.tied)
-    return hf_gpt2(config, arch.tensor_specs(), lambda spec: ckpt.load(spec.src_name))
-
-
 def build_hypercube(ckpt, arch, opts: HypercubeOptions, log: Callable[[str], None]) -> HypercubeBuild:
     tokens, sha = calibration_tokens(opts.calib, opts.calib_tokens, arch.n_vocab)
-    model = hf_model(ckpt, arch)
+    model = checkpoint_model(ckpt, arch)  # our own loader: every layout `convert` takes
     cal = calibrate(model, tokens, opts.dim, sha)
     worst = min(int(lr.counts.min()) for lr in cal.layers)
     log(f"hypercube: Q_{opts.dim}, {1 << opts.dim} groups of {cal.group_size} neurons per layer, calibrated on "
         f"{len(tokens)} tokens of {opts.calib.name} (emptiest vertex: {worst} tokens)")
     concepts = None
     if opts.concepts is not None:
-        from ..synth import hf_tokenizer
-
         tok = hf_tokenizer()
         layer = arch.n_layer // 2 if opts.concept_layer is None else opts.concept_layer
-        concepts = build_concept_map(model, tok.encode, read_concepts(opts.concepts),
+        concepts = build_concept_map(model, lambda text: encode_text(tok, text), read_concepts(opts.concepts),
                                      [lr.weight for lr in cal.layers], [lr.bias for lr in cal.layers], layer)
         log(f"hypercube: {len(concepts.names)} concepts mapped (layer {layer})")
     return HypercubeBuild(cal, concepts)

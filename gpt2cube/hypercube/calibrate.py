@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..tokenizers import tokenize_file
 from .topology import Hypercube, vertex_of
 
 
@@ -130,8 +131,6 @@ def windows(tokens: np.ndarray, ctx: int) -> list[np.ndarray]:
 
 def calibration_tokens(path: Path, n_tokens: int, n_vocab: int) -> tuple[np.ndarray, str]:
     """The first `n_tokens` GPT-2 tokens of a text file, and the file's sha256."""
-    from ..train.data import tokenize_file
-
     if not path.is_file():
         raise InputError(f"{path}: no such calibration text; expected a UTF-8 text file")
     raw = path.read_bytes()

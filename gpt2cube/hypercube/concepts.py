@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from .calibrate import capture
 from .topology import popcount, vertex_of
 
 
@@ -53,8 +54,6 @@ def text_margins(ffn_inputs: list[np.ndarray], weights: list[np.ndarray], biases
 
 
 def build_concept_map(model, tokenize, concepts: list[tuple[str, str]], weights, biases, layer: int) -> ConceptMap:
-    from .calibrate import capture
-
     codes = []
     for name, text in concepts:
         ids = np.asarray(tokenize(text), dtype=np.int64)
@@ -72,36 +71,3 @@ def nearest(cmap: ConceptMap, margins: np.ndarray, layer: int, k: int = 3) -> li
     dist = np.linalg.norm(cmap.codes[:, layer] - margins[None], axis=1)
     order = np.lexsort((dist, ham))[:k]
     return [(cmap.names[i], int(ham[i]), float(dist[i])) for i in order]
-
-
-def text_routes(model_path: Path, text: str, k: int = 3) -> dict:
-    """Per layer: the vertex a text's mean FFN input routes to and its nearest concepts."""
-    from ..converter.inspect import read_gguf
-    from ..eval.dequantized import model_from_gguf
-    from ..eval.llama_runner import GGUFTokenizer
-    from .calibrate import capture
-    from .metadata import has_hypercube, read_hypercube
-
-    reader = read_gguf(model_path)
-    if not has_hypercube(reader):
-        raise InputError(f"{model_path}: has no hypercube metadata; convert with --hypercube-dim D --calib TEXT")
-    info = read_hypercube(reader, model_path)
-    tok = GGUFTokenizer(model_path)
-    try:
-        ids = np.asarray(tok.encode(text), dtype=np.int64)
-    finally:
-        tok.close()
-    if not len(ids):
-        raise InputError("the text is empty")
-    model = model_from_gguf(model_path)
-    margins = text_margins(capture(model, ids, lambda blk: blk.mlp, pre=True),
-                           list(info.router_weight), list(info.router_bias))
-    layers = []
-    for layer, m in enumerate(margins):
-        entry = {"layer": layer, "vertex": int(vertex_of(m)), "margins": [round(float(x), 4) for x in m]}
-        if info.concepts is not None:
-            entry["nearest"] = [{"concept": n, "hamming": h, "distance": round(dist, 4)}
-                                for n, h, dist in nearest(info.concepts, m, layer, k)]
-        layers.append(entry)
-    return {"text": text, "tokens": int(len(ids)), "dim": info.dim,
-            "concept_layer": info.concepts.layer if info.concepts else None, "layers": layers}

@@ -7,20 +7,13 @@ so a second run (or another command on the same files) starts at once.
 
 from __future__ import annotations
 
-import hashlib
-import os
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from ..constants import GPT2_EOT_ID
 from ..errors import InputError
-
-CACHE_ENV = "GPT2CUBE_CACHE"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "gpt2cube")) / "tokens"
+from ..tokenizers import hf_tokenizer, tokenize_file
 
 
 def corpus_files(paths: list[Path]) -> list[Path]:
@@ -40,34 +33,7 @@ def corpus_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def tokenize_file(path: Path, tokenizer=None) -> np.ndarray:
-    """Token ids of one file plus a trailing <|endoftext|>, as uint16 (GPT-2's ids fit).
-    `tokenizer` may be a zero-argument callable returning one, called only on a cache miss."""
-    raw = path.read_bytes()
-    key = hashlib.sha256(raw).hexdigest()
-    cached = cache_dir() / f"{key}.u16"
-    if cached.is_file():
-        return np.fromfile(cached, dtype=np.uint16)
-    text = raw.decode("utf-8", errors="replace")
-    if not text.strip():
-        raise InputError(f"{path}: the file is empty (or whitespace only); expected text")
-    if tokenizer is None:
-        from ..synth import hf_tokenizer as tokenizer
-    if callable(tokenizer) and not hasattr(tokenizer, "encode"):
-        tokenizer = tokenizer()
-    ids = np.array(tokenizer.encode(text) + [GPT2_EOT_ID], dtype=np.uint16)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    ids.tofile(tmp)
-    os.replace(tmp, cached)
-    return ids
-
-
 def load_tokens(paths: list[Path]) -> np.ndarray:
-    from functools import lru_cache
-
-    from ..synth import hf_tokenizer
-
     shared = lru_cache(maxsize=1)(hf_tokenizer)  # built once, and only if some file is not cached
     return np.concatenate([tokenize_file(f, shared) for f in corpus_files(paths)])
 

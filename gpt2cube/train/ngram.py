@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
+from ..eval.perplexity import perplexity
 
 MAX_ORDER = 5
 METHODS = ("mkn", "kn", "backoff")
@@ -224,7 +225,6 @@ def _pack_rows(hist: np.ndarray) -> np.ndarray:
 
 def ngram_perplexity(model: NGramModel, tokens: np.ndarray, ctx: int = 512, max_windows: int | None = None):
     """The same windows and scored tokens as `gpt2cube eval perplexity`."""
-    from ..eval.perplexity import perplexity
 
     return perplexity(np.asarray(tokens, dtype=np.int64), ctx, None, f"{model.method}-{model.order}gram",
                       max_windows, scorer=model.window_nll)

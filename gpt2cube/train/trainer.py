@@ -21,8 +21,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..converter.tokenizer import bundled_gpt2_files
 from ..errors import InputError
+from ..tokenizers import bundled_gpt2_files
+from .data import corpus_files, load_tokens, split_holdout
 
 # name -> (n_layer, n_embd, n_head, ctx)
 PRESETS: dict[str, tuple[int, int, int, int]] = {
@@ -131,7 +132,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .data import corpus_files, load_tokens, split_holdout
 
     out = Path(cfg.out)
     state_path = out / "train_state.pt"

@@ -1,6 +1,7 @@
-"""A transformers model carrying exactly the weights a GGUF file stores (dequantized), so that
-llama.cpp's output on the file can be compared with a reference that has the same weight error:
-what remains is the runtime's own arithmetic, which isolates packing, layout and transposes."""
+"""Building transformers GPT-2 models: from a checkpoint read by gpt2cube's own loader (every
+layout `convert` takes), or from a GGUF file's dequantized weights, so that llama.cpp's output on
+a file can be compared with a reference holding the same weight error (what remains is the
+runtime's own arithmetic: packing, layout and transposes)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..converter.arch import TensorSpec, arch_for
-from ..converter.checkpoint import open_checkpoint
-from ..converter.inspect import read_gguf
-from ..errors import GGUFFormatError
-from ..kernels import QUANT_TYPES
-
-_BY_GGML = {q.ggml_type: q for q in QUANT_TYPES.values()}
-
-
-def _file_weight(tensor, spec: TensorSpec) -> np.ndarray:
-    """A GGUF tensor dequantized into the HF layout of `spec`'s source tensor."""
-    w = _BY_GGML[tensor.tensor_type].dequantize(np.asarray(tensor.data), spec.shape)
-    return w.T if spec.transpose else w
+from .converter.arch import GPT2, Architecture, TensorSpec, arch_for
+from .converter.checkpoint import Checkpoint, open_checkpoint
+from .errors import GGUFFormatError
+from .gguf_file import dequantize_tensor, field_value, quant_type_of, read_gguf
 
 
 def hf_gpt2(config: dict, specs: list[TensorSpec], weight_of: Callable[[TensorSpec], np.ndarray]):
@@ -39,18 +31,40 @@ def hf_gpt2(config: dict, specs: list[TensorSpec], weight_of: Callable[[TensorSp
     return model
 
 
+def checkpoint_model(ckpt: Checkpoint, arch: Architecture):
+    """A transformers GPT-2 holding exactly the checkpoint's weights."""
+    config = dict(n_layer=arch.n_layer, n_embd=arch.n_embd, n_head=arch.n_head, n_positions=arch.n_ctx,
+                  n_inner=arch.n_ff, vocab_size=arch.n_vocab, layer_norm_epsilon=arch.eps,
+                  activation_function=ckpt.config.get("activation_function", "gelu_new"), tie_word_embeddings=arch.tied)
+    return hf_gpt2(config, arch.tensor_specs(), lambda spec: ckpt.load(spec.src_name))
+
+
+def load_hf_model(model_dir: Path):
+    """transformers' own loading of an HF checkpoint directory, in float32, for inference."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _file_weight(tensor, spec: TensorSpec, path: Path) -> np.ndarray:
+    """A GGUF tensor dequantized into the HF layout of `spec`'s source tensor."""
+    w = dequantize_tensor(tensor, spec.shape, path)
+    return w.T if spec.transpose else w
+
+
 def dequantized_state(gguf_path: Path, src: Path) -> dict[str, np.ndarray]:
     """HF state-dict entries (source names and layouts) holding the file's dequantized weights."""
     tensors = {t.name: t for t in read_gguf(gguf_path).tensors}
-    return {spec.src_name: _file_weight(tensors[spec.gguf_name], spec)
+    return {spec.src_name: _file_weight(tensors[spec.gguf_name], spec, gguf_path)
             for spec in arch_for(open_checkpoint(src)).tensor_specs()}
 
 
 def dequantized_model(gguf_path: Path, src: Path):
+    """The checkpoint `src` as transformers loads it, with the weights `gguf_path` stores."""
     import torch
-    from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel.from_pretrained(src, dtype=torch.float32).eval()
+    model = load_hf_model(src)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, w in dequantized_state(gguf_path, src).items():
@@ -61,9 +75,6 @@ def dequantized_model(gguf_path: Path, src: Path):
 def model_from_gguf(gguf_path: Path):
     """A transformers GPT-2 built from a GGUF file alone: shape from its gpt2.* keys, weights
     dequantized (so the hidden states are those of the weights the file stores)."""
-    from ..converter.arch import GPT2
-    from ..converter.inspect import field_value
-
     reader = read_gguf(gguf_path)
     hp = {k: field_value(reader, f"gpt2.{k}") for k in (
         "block_count", "embedding_length", "feed_forward_length", "context_length", "attention.head_count",
@@ -71,6 +82,8 @@ def model_from_gguf(gguf_path: Path):
     if field_value(reader, "general.architecture") != "gpt2" or None in hp.values():
         raise GGUFFormatError(f"{gguf_path}: not a GPT-2 GGUF (general.architecture and gpt2.* keys expected)")
     tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise GGUFFormatError(f"{gguf_path}: tensor token_embd.weight is missing")
     n_vocab = int(tensors["token_embd.weight"].shape[1])
     tied = "output.weight" not in tensors
     config = dict(n_layer=int(hp["block_count"]), n_embd=int(hp["embedding_length"]),
@@ -80,6 +93,15 @@ def model_from_gguf(gguf_path: Path):
     specs = GPT2.specs_for(config["n_layer"], config["n_embd"], config["n_inner"], n_vocab, config["n_positions"], tied)
     for spec in specs:
         t = tensors.get(spec.gguf_name)
-        if t is None or t.tensor_type not in _BY_GGML:
-            raise GGUFFormatError(f"{gguf_path}: tensor {spec.gguf_name} is missing or of a type gpt2cube cannot read")
-    return hf_gpt2(config, specs, lambda spec: _file_weight(tensors[spec.gguf_name], spec))
+        if t is None:
+            raise GGUFFormatError(f"{gguf_path}: tensor {spec.gguf_name} is missing")
+        quant_type_of(t, gguf_path)
+    return hf_gpt2(config, specs, lambda spec: _file_weight(tensors[spec.gguf_name], spec, gguf_path))
+
+
+def hf_logits(model, tokens: list[int]) -> np.ndarray:
+    """fp32 transformers logits, (n_tokens, vocab)."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()

@@ -9,24 +9,11 @@ from typing import Any
 import numpy as np
 from gguf import GGUFReader, GGUFValueType
 
-from ..errors import GGUFFormatError
-from ..kernels import QUANT_TYPES
+from .gguf_file import quant_type_of, read_gguf
+from .hypercube.metadata import has_hypercube, read_hypercube
+from .kernels import QUANT_TYPES
 
 ARRAY_PREVIEW = 4
-
-
-def read_gguf(path: Path) -> GGUFReader:
-    if not path.is_file():
-        raise GGUFFormatError(f"{path}: no such file")
-    try:
-        return GGUFReader(path)
-    except (ValueError, KeyError, IndexError, OSError) as e:
-        raise GGUFFormatError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
-
-
-def field_value(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
 
 
 def _summarise(field) -> Any:
@@ -39,7 +26,7 @@ def _summarise(field) -> Any:
 
 def ternary_stats(tensor) -> dict[str, float]:
     """Decoded from the file itself: fraction of zero weights and the (mean) block scale."""
-    qt = next(q for q in QUANT_TYPES.values() if q.ggml_type == tensor.tensor_type)
+    qt = quant_type_of(tensor)
     raw = np.asarray(tensor.data).reshape(-1, qt.type_size)
     codes = qt._unpack_codes(raw[:, :-2])
     scales = raw[:, -2:].copy().view(np.float16).astype(np.float32)
@@ -81,8 +68,6 @@ def inspect_gguf(path: Path) -> dict[str, Any]:
 
 
 def _hypercube_summary(reader: GGUFReader, path: Path) -> dict[str, Any] | None:
-    from ..hypercube.metadata import has_hypercube, read_hypercube
-
     if not has_hypercube(reader):
         return None
     info = read_hypercube(reader, path)  # validates: a corrupt hypercube is an error, not a summary
