@@ -56,3 +56,50 @@ def build_checkpoint(workdir: Path) -> Path:
                 "vocab_size=50257, write_n_ctx=True)")
         run_measured([PY, "-c", code])
     return src
+
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # the runtime gpt2cube pins (pyproject.toml)
+
+
+def build_llama_bench(workdir: Path, log=lambda m: print(m, file=sys.stderr)) -> Path:
+    """llama-bench built from the llama.cpp source that llama-cpp-python vendors (its sdist from
+    the package index, unpacked under workdir), Release, native CPU flags as pip's build uses.
+    Cached: a second call returns the existing binary."""
+    import tarfile
+
+    exe = workdir / "llama-bench-build" / "bin" / "llama-bench"
+    if exe.is_file():
+        return exe
+    workdir.mkdir(parents=True, exist_ok=True)
+    sdists = sorted(workdir.glob("llama_cpp_python-*.tar.gz"))
+    if not sdists:
+        log(f"downloading the {LLAMA_CPP_PYTHON} source distribution ...")
+        subprocess.run([PY, "-m", "pip", "download", "--quiet", "--no-binary", "llama-cpp-python", "--no-deps",
+                        LLAMA_CPP_PYTHON, "-d", str(workdir)], check=True)
+        sdists = sorted(workdir.glob("llama_cpp_python-*.tar.gz"))
+    src = workdir / sdists[-1].name.removesuffix(".tar.gz")
+    if not src.is_dir():
+        with tarfile.open(sdists[-1]) as tf:
+            tf.extractall(workdir, filter="data")
+    llama = src / "vendor" / "llama.cpp"
+    build = workdir / "llama-bench-build"
+    log(f"building llama-bench from {llama} (a few minutes on 2 cores) ...")
+    subprocess.run(["cmake", "-S", str(llama), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+                    "-DBUILD_SHARED_LIBS=OFF"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", "-j", str(os.cpu_count() or 2)],
+                   check=True, stdout=subprocess.DEVNULL)
+    if not exe.is_file():
+        raise RuntimeError(f"{exe}: the build finished but produced no llama-bench")
+    return exe
+
+
+def llama_bench(exe: Path, model: Path, n_prompt: int, n_gen: int, threads: int, repeats: int) -> dict:
+    """llama-bench's own figures for one file: {"pp": (avg, std), "tg": (avg, std)} tokens/s."""
+    out = subprocess.run([str(exe), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
+                          "-r", str(repeats), "-o", "json"], check=True, capture_output=True, text=True)
+    res = {}
+    for test in json.loads(out.stdout):
+        key = "pp" if test["n_prompt"] and not test["n_gen"] else "tg"
+        res[key] = (test["avg_ts"], test["stddev_ts"])
+    return res

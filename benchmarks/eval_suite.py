@@ -1,10 +1,11 @@
 """The evaluation suite on the GPT-2-124M-shaped random checkpoint's f16 / q8_0 / q4_0 / q4_k /
-tq2_0 files (speed and memory: `gpt2cube bench` figures beside llama-bench's, measured on this
-machine by the issue's author), and on the reference model with the full data sets (quality).
+tq2_0 files (speed and memory: `gpt2cube bench` beside llama-bench built from the vendored
+llama.cpp and run on the same files in the same run), and on the reference model with the full
+data sets (quality).
 
     python benchmarks/eval_suite.py [--workdir DIR] [--reference models/reference]
                                     [--quality-types f16 q8_0 q4_k tq2_0] [--spam-limit N]
-                                    [--hellaswag-limit N] [--threads 2]
+                                    [--hellaswag-limit N] [--threads 2] [--no-llama-bench]
 
 Prints JSON and a table; writes the compare reports under WORKDIR/speed and WORKDIR/quality.
 """
@@ -19,10 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import build_checkpoint  # noqa: E402
+from _common import build_checkpoint, build_llama_bench, llama_bench  # noqa: E402
 
-# llama-bench on this machine, 2 threads, 124M shape (pp256 / tg64 tokens per second), from issue 4
-LLAMA_BENCH = {"f16": (764, 127), "q4_0": (1091, 223), "tq2_0": (987, 248)}
 SPEED_TYPES = ["f16", "q8_0", "q4_0", "q4_k", "tq2_0"]
 
 
@@ -36,6 +35,7 @@ def main() -> None:
     ap.add_argument("--hellaswag-limit", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-llama-bench", action="store_true", help="Skip building and running llama-bench.")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from gpt2cube.converter import convert
@@ -44,6 +44,7 @@ def main() -> None:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     src = build_checkpoint(args.workdir)
+    exe = None if args.no_llama_bench else build_llama_bench(args.workdir)
     speed = []
     for t in SPEED_TYPES:
         f = args.workdir / f"speed-{t}.gguf"
@@ -53,9 +54,10 @@ def main() -> None:
         row = {"type": t, "file_mb": round(b["file_mb"], 1), "load_s": round(b["load_s"], 3),
                "pp256_t_s": round(b["pp_tok_s"], 1), "tg64_t_s": round(b["tg_tok_s"], 1),
                "peak_rss_mb": round(b["peak_rss_mb"]), "threads": b["threads"]}
-        if t in LLAMA_BENCH:
-            pp, tg = LLAMA_BENCH[t]
-            row["llama_bench_pp256"], row["llama_bench_tg64"] = pp, tg
+        if exe is not None:  # llama-bench on the same file, in the same run
+            ref = llama_bench(exe, f, 256, 64, args.threads, args.repeats)
+            pp, tg = ref["pp"][0], ref["tg"][0]
+            row["llama_bench_pp256"], row["llama_bench_tg64"] = round(pp, 1), round(tg, 1)
             row["pp_ratio"], row["tg_ratio"] = round(b["pp_tok_s"] / pp, 3), round(b["tg_tok_s"] / tg, 3)
         speed.append(row)
         print(json.dumps(row), file=sys.stderr)

@@ -149,6 +149,10 @@ def perplexity(model: Path, text_file: Path, ctx: int, hf_dir: Path | None, max_
         results = [llama_perplexity(model, text, ctx, max_windows=max_windows, n_threads=threads, progress=not quiet)]
     if hf_dir is not None:
         results.append(hf_perplexity(hf_dir, text, ctx, max_windows=max_windows, progress=not quiet))
+        if results[0].text_tokens != results[1].text_tokens:
+            raise Gpt2cubeError(f"{text_file}: {results[0].engine} reads {results[0].text_tokens} tokens and transformers "
+                                f"{results[1].text_tokens}: the two would score different windows; the model file's "
+                                f"tokenizer and {hf_dir}'s differ")
     if as_json:
         click.echo(json.dumps([r.as_json() for r in results], indent=2))
         return
@@ -260,21 +264,21 @@ def generate(model: Path, prompts, n_tokens: int, temperature: float, seed: int,
 
 @main.command(name="bench")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--n-prompt", type=int, default=512, show_default=True)
-@click.option("--n-gen", type=int, default=128, show_default=True)
-@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--n-prompt", type=int, default=512, show_default=True, help="pp test: prompt tokens (as llama-bench -p).")
+@click.option("--n-gen", type=int, default=128, show_default=True, help="tg test: generated tokens (as llama-bench -n).")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed runs after a warm-up (as llama-bench -r).")
 @click.option("--threads", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
 def bench_cmd(model: Path, n_prompt: int, n_gen: int, repeats: int, threads: int | None, as_json: bool) -> None:
-    """Load time, prompt and generation speed, peak RSS (median of repeats)."""
+    """Load time, prompt (pp) and generation (tg) speed as llama-bench measures them, peak RSS."""
     from .eval.bench import bench
 
     _require_file(model)
     r = bench(model, n_prompt=n_prompt, n_gen=n_gen, repeats=repeats, n_threads=threads)
     click.echo(json.dumps(r, indent=2) if as_json else
-               f"{model.name}: load {r['load_s']:.2f} s, pp{r['n_prompt']} {r['pp_tok_s']:.1f} t/s, "
-               f"tg{r['n_gen']} {r['tg_tok_s']:.1f} t/s, peak RSS {r['peak_rss_mb']:.0f} MB, "
+               f"{model.name}: load {r['load_s']:.2f} s, pp{r['n_prompt']} {r['pp_tok_s']:.1f} +/- {r['pp_tok_s_std']:.1f} t/s, "
+               f"tg{r['n_gen']} {r['tg_tok_s']:.1f} +/- {r['tg_tok_s_std']:.1f} t/s, peak RSS {r['peak_rss_mb']:.0f} MB, "
                f"{r['file_mb']:.1f} MB, {r['threads']} threads")
 
 

@@ -13,7 +13,6 @@ import json
 import shutil
 from pathlib import Path
 
-
 from .tokenizers import bundled_gpt2_files, hf_tokenizer
 
 

@@ -56,8 +56,13 @@ class GGUFTokenizer:
         from llama_cpp import Llama
         from llama_cpp._utils import suppress_stdout_stderr
 
-        with suppress_stdout_stderr(disable=False):  # a vocab-only context still warns about n_ctx
-            self._llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such model file; expected a GGUF file")
+        try:
+            with suppress_stdout_stderr(disable=False):  # a vocab-only context still warns about n_ctx
+                self._llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        except ValueError as e:
+            raise InputError(f"{path}: llama.cpp could not read its tokenizer ({e})") from None
 
     def encode(self, text: str) -> list[int]:
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from gpt2cube.synth import make_random_gpt2
 from gpt2cube.tokenizers import hf_tokenizer
@@ -69,3 +71,26 @@ def calib_file(tmp_path_factory) -> Path:
     p = tmp_path_factory.mktemp("calib") / "calib.txt"
     p.write_text(CALIB_TEXT, encoding="utf-8")
     return p
+
+
+def rewrite_gguf(src: Path, dst: Path, change: dict) -> None:
+    """Copy a GGUF with some metadata replaced: key -> (value, type, sub_type) or None to drop."""
+    r = GGUFReader(src)
+    w = GGUFWriter(dst, arch=r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if name in change:
+            if change[name] is None:
+                continue
+            value, vtype, sub = change[name]
+        else:
+            value, vtype = f.contents(), f.types[0]
+            sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
+        w.add_key_value(name, value, vtype, sub_type=sub)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -171,3 +171,110 @@ def test_inspect_bad_files(tmp_path):
     bad.write_bytes(b"NOPE" + b"\0" * 64)
     result = _run(["inspect", str(bad)])
     assert result.exit_code == 2 and "bad.gguf: not a readable GGUF file" in result.output
+
+
+def _rewrite_header(path: Path, edit) -> None:
+    """Rewrite a safetensors file's JSON header through `edit(header)`, data unchanged."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * ((-len(new)) % 8)
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda h: h["transformer.h.0.attn.c_attn.weight"].update(data_offsets=[-4, 10]), "expected 0 <= begin <= end"),
+    (lambda h: h["transformer.h.0.attn.c_attn.weight"].update(shape=[-256, -768]), "expected non-negative integers"),
+    (lambda h: h["transformer.h.0.attn.c_attn.weight"].update(
+        data_offsets=[h["transformer.h.0.attn.c_attn.weight"]["data_offsets"][0] + 10**9,
+                      h["transformer.h.0.attn.c_attn.weight"]["data_offsets"][1] + 10**9]), "the file is truncated"),
+    (lambda h: h["transformer.h.0.ln_1.bias"].update(data_offsets=h["transformer.h.0.ln_1.weight"]["data_offsets"]),
+     "overlap"),
+])
+def test_safetensors_header_entries_are_checked(ckpt, tmp_path, damage, needle):
+    _rewrite_header(ckpt / "model.safetensors", damage)
+    out = tmp_path / "o.gguf"
+    _assert_fails(["convert", str(ckpt), "-o", str(out)], out, 2, "model.safetensors", needle)
+
+
+def test_bf16_safetensors_input(checkpoints, tmp_path):
+    """bf16, the most common dtype of Hugging Face checkpoints: read exactly (a bf16 value is the
+    top half of its float32), and llama.cpp's logits on the f32 file equal transformers' on the
+    bf16 model widened to float32."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from gpt2cube.converter import convert
+    from gpt2cube.eval.llama_runner import llama_logits
+    from gpt2cube.models import hf_logits
+
+    src, model = checkpoints["small"]
+    bf = tmp_path / "bf16"
+    shutil.copytree(src, bf)
+    (bf / "model.safetensors").unlink()
+    model.to(torch.bfloat16).save_pretrained(bf)
+    model.to(torch.float32)
+    header = json.loads((bf / "model.safetensors").read_bytes()[8:8 + int.from_bytes((bf / "model.safetensors").read_bytes()[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    out = tmp_path / "bf16.gguf"
+    convert(bf, out, "f32", progress=False)
+    widened = model.to(torch.bfloat16).to(torch.float32)
+    model.to(torch.float32)
+    t = {x.name: x for x in gguf.GGUFReader(out).tensors}
+    want = widened.transformer.h[0].attn.c_attn.weight.detach().numpy().T
+    assert np.array_equal(np.asarray(t["blk.0.attn_qkv.weight"].data).reshape(want.shape), want)
+    tokens = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]
+    ref = hf_logits(widened, tokens)
+    got = llama_logits(out, tokens)
+    assert np.abs(got - ref).max() / ref.std() < 0.006  # the f32 tolerance of test_convert_llama
+
+
+def test_padded_vocabulary(tmp_path):
+    """vocab_size padded past the tokenizer (50304, as nanoGPT trains): the extra ids become
+    unused [PAD] tokens, llama.cpp loads the file and its logits (all 50304) equal transformers'."""
+    import numpy as np
+
+    from gpt2cube.converter import convert
+    from gpt2cube.eval.llama_runner import llama_logits
+    from gpt2cube.models import hf_logits
+    from gpt2cube.synth import make_random_gpt2
+
+    src, model = make_random_gpt2(tmp_path / "pad", n_layer=1, n_embd=128, n_head=2, vocab_size=50304, init_std=0.1)
+    out = tmp_path / "pad.gguf"
+    convert(src, out, "f32", progress=False)
+    import gguf
+
+    r = gguf.GGUFReader(out)
+    toks = r.fields["tokenizer.ggml.tokens"].contents()
+    assert len(toks) == 50304 and toks[50257] == "[PAD50257]" and toks[50303] == "[PAD50303]"
+    tokens = [464, 2068, 7586, 21831, 50256, 13]
+    got, ref = llama_logits(out, tokens), hf_logits(model, tokens)
+    assert got.shape == (6, 50304) and np.abs(got - ref).max() / ref.std() < 0.006
+
+
+def test_llama_cpp_refusal_is_one_line(tmp_path):
+    """A file llama.cpp refuses (here: a GGUF whose tensor data is cut off) reaches the user as
+    one line naming it, exit 2, not llama-cpp-python's ValueError traceback."""
+    from gguf import GGUFWriter
+
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + bytes(64))  # gguf-py already refuses it
+    empty = tmp_path / "empty.gguf"  # a well-formed GGUF that llama.cpp refuses: a GPT-2 with no tensors
+    w = GGUFWriter(empty, arch="gpt2")
+    w.add_context_length(64)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for bad in (junk, empty):
+        for args in (["bench", str(bad), "--n-prompt", "8", "--n-gen", "4", "--repeats", "1"],
+                     ["generate", str(bad), "--prompt", "hi", "--n-tokens", "2"],
+                     ["eval", "hellaswag", str(bad), "--data", str(bad)]):
+            res = CliRunner().invoke(main, args)
+            assert res.exit_code == 2, (args, res.output)
+            assert res.output.count("error:") == 1 and bad.name in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["generate", str(empty), "--prompt", "hi", "--n-tokens", "2"])
+    assert "llama.cpp could not load it" in res.output

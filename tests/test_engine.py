@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
+from conftest import rewrite_gguf
+from gguf import GGUFReader, GGUFValueType
 
 from gpt2cube.cli import main
 from gpt2cube.converter import convert
@@ -133,29 +134,6 @@ def test_engine_input_errors(engine_lib, cube_file, checkpoints, tmp_path):
         m.eval([1, 2])  # dense works on any GPT-2 file
 
 
-def _rewrite(src: Path, dst: Path, change: dict) -> None:
-    """Copy a GGUF with some metadata replaced: key -> (value, type, sub_type) or None to drop."""
-    r = GGUFReader(src)
-    w = GGUFWriter(dst, arch=r.fields["general.architecture"].contents())
-    for name, f in r.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        if name in change:
-            if change[name] is None:
-                continue
-            value, vtype, sub = change[name]
-        else:
-            value, vtype = f.contents(), f.types[0]
-            sub = f.types[-1] if vtype == GGUFValueType.ARRAY else None
-        w.add_key_value(name, value, vtype, sub_type=sub)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 U32, F32, ARR = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.ARRAY
 
 
@@ -171,7 +149,7 @@ U32, F32, ARR = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.ARRAY
 ])
 def test_corrupt_hypercube_metadata_is_a_clear_error(engine_lib, cube_file, tmp_path, change, message):
     bad = tmp_path / "bad.gguf"
-    _rewrite(cube_file("f32"), bad, change)
+    rewrite_gguf(cube_file("f32"), bad, change)
     with pytest.raises(InputError) as e:
         _model(bad)
     assert message in str(e.value) and str(bad) in str(e.value)

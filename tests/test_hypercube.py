@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from gguf import GGUFValueType
 
 from gpt2cube.cli import main
 from gpt2cube.converter import convert
-from gpt2cube.errors import InputError
+from gpt2cube.errors import GGUFFormatError, InputError
 from gpt2cube.eval.llama_runner import llama_logits
 from gpt2cube.gguf_file import read_gguf
 from gpt2cube.hypercube.build import HypercubeOptions
@@ -251,3 +252,34 @@ def test_every_ffn_down_type_is_checked(checkpoints, calib_file, tmp_path):
                                   "--hypercube-dim", "3", "--calib", str(calib_file)])
     assert r.exit_code == 2 and "groups of 128 neurons do not fill whole q4_k blocks of 256" in r.output
     assert not out.exists()
+
+
+_U32, _F32, _STR, _ARR = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.STRING, GGUFValueType.ARRAY
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hypercube.dim": (12, _U32, None)}, "hypercube.dim = 12; expected 1..10"),
+    ({"hypercube.dim": ("two", _STR, None)}, "hypercube.dim = 'two'; expected an integer"),
+    ({"hypercube.dim": (3, _U32, None)}, "hypercube.vertex_count = 4; expected 8"),
+    ({"hypercube.group_size": (100, _U32, None)}, "hypercube.group_size = 100; expected 256"),
+    ({"hypercube.routing_table": ([1, 2, 0, 3, 3, 0, 2, 2], _ARR, _U32)}, "is not Q_2's bit-transition table"),
+    ({"hypercube.router.weight": ([0.5] * 10, _ARR, _F32)}, "hypercube.router.weight has 10 values; expected 1024"),
+    ({"hypercube.router.weight": (["a"] * 1024, _ARR, _STR)}, "hypercube.router.weight is not an array of numbers"),
+    ({"hypercube.router.bias": ([0.0, float("nan"), 0.0, 0.0], _ARR, _F32)}, "hold NaN or infinity"),
+    ({"hypercube.permutation": ([0] * 2048, _ARR, _U32)}, "permutation of layer 0 is not a permutation"),
+    ({"hypercube.concept.vertices": ([9] * 6, _ARR, _U32)}, "holds a vertex outside 0..3"),
+    ({"hypercube.layer_count": None}, "key hypercube.layer_count is missing"),
+])
+def test_corrupt_hypercube_metadata_read_from_python(cube_files, tmp_path, change, message):
+    """The Python reader (inspect, concepts) checks what the engine checks: one line naming the
+    file and the key, exit 2, never a traceback."""
+    from conftest import rewrite_gguf
+
+    _, cube_path, _ = cube_files
+    bad = tmp_path / "bad.gguf"
+    rewrite_gguf(cube_path, bad, change)
+    with pytest.raises(GGUFFormatError) as e:
+        read_hypercube(read_gguf(bad), bad)
+    assert message in str(e.value) and str(bad) in str(e.value)
+    res = CliRunner().invoke(main, ["inspect", str(bad)])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output

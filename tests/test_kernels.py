@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gpt2cube.kernels import QUANT_TYPES, get_quant_type
-from gpt2cube.kernels.base import round_half_away
+from gpt2cube.kernels.base import QuantType, round_half_away
 
 
 def _random(shape, seed=0, scale=1.0):
@@ -20,11 +20,71 @@ def _random(shape, seed=0, scale=1.0):
 GGUF_PY_QUANTIZES = ["f32", "f16", "bf16", "q8_0", "q4_0"]  # gguf-py has no Q4_K quantizer; TQ: see below
 
 
-@pytest.mark.parametrize("name", sorted(QUANT_TYPES))
-def test_fast_equals_reference(name):
+# types whose `quantize_ref` is an implementation of its own (block by block, bytes spelled
+# out), not a wrapper of the fast path's math; q4_k and the ternary types are checked against
+# independent derivations below instead
+OWN_TWINS = ["bf16", "q8_0", "q4_0"]
+
+
+@pytest.mark.parametrize("name", OWN_TWINS)
+def test_fast_equals_reference_twin(name):
     qt = get_quant_type(name)
+    assert qt.quantize_ref.__func__ is not QuantType.quantize_ref.__func__  # a twin of its own
     x = _random((3, 512), seed=1, scale=0.05)
     assert np.array_equal(qt.quantize(x).view(np.uint8), qt.quantize_ref(x).view(np.uint8))
+
+
+@pytest.mark.parametrize("name", ["tq1_0", "tq2_0"])
+@pytest.mark.parametrize("mode", ["tensor", "row"])
+def test_ternary_bytes_equal_bitnet_definition_packed_by_gguf_py(name, mode):
+    """BitNet b1.58 written out here (s = mean|W| per tensor or row, stored as float16; W_t =
+    clip(round(W / s), -1, 1)), and the packing left to gguf-py: given W_t * s its absmax
+    quantizer finds the block scale s and the codes W_t, so its bytes must equal ours on W."""
+    qt = get_quant_type(name)
+    w = _random((6, 512), seed=7, scale=0.05) * np.arange(1, 7, dtype=np.float32)[:, None]
+    a = np.abs(w.astype(np.float64))
+    s = (a.mean() if mode == "tensor" else a.mean(axis=1, keepdims=True)).astype(np.float32)
+    s = np.broadcast_to(np.float32(np.float16(s)), (6, 1)).astype(np.float32)
+    t = np.clip(np.rint(w / s), -1, 1)
+    assert np.all(np.abs(t.reshape(-1, 256)).max(axis=1) == 1)  # every block has a non-zero: d = s
+    want = gguf.quants.quantize((t * s).astype(np.float32), qt.ggml_type)
+    assert qt.quantize(w, mode).tobytes() == want.tobytes()
+
+
+def test_q4_k_codes_are_the_rounding_of_its_stored_scales():
+    """A per-block re-derivation from the bytes, sharing no code with the quantizer: unpack d,
+    dmin and the 6-bit scales and mins by ggml's layout (get_scale_min_k4), then every 4-bit code
+    must be clip(round((x + dmin m) / (d sc)), 0, 15) of the input; and the chosen scales must beat
+    the trivial ones (min/max of each sub-block) in squared error."""
+    x = _random((4, 512), seed=11, scale=0.05)
+    data = get_quant_type("q4_k").quantize(x).reshape(-1, 144)
+    for b, block in enumerate(data):
+        xb = x.reshape(-1, 256)[b]
+        d = float(np.frombuffer(block[0:2].tobytes(), np.float16)[0])
+        dmin = float(np.frombuffer(block[2:4].tobytes(), np.float16)[0])
+        sc12 = block[4:16]
+        qs = block[16:]
+        for j in range(8):
+            if j < 4:
+                sc, m = sc12[j] & 63, sc12[j + 4] & 63
+            else:
+                sc = (sc12[j + 4] & 0xF) | ((sc12[j - 4] >> 6) << 4)
+                m = (sc12[j + 4] >> 4) | ((sc12[j] >> 6) << 4)
+            chunk, half = divmod(j, 2)
+            byte = qs[32 * chunk : 32 * chunk + 32]
+            q = (byte & 0xF) if half == 0 else (byte >> 4)
+            seg = xb[32 * j : 32 * j + 32].astype(np.float64)
+            scale, mn = np.float32(d) * np.float32(sc), np.float32(dmin) * np.float32(m)
+            if scale == 0:
+                continue
+            want = np.clip(np.rint((seg + mn) / scale), 0, 15)
+            # a value exactly between two levels may go either way in float32
+            assert np.all((q == want) | (np.abs((seg + mn) / scale - np.rint((seg + mn) / scale)) > 0.499)), (b, j)
+            err = np.sum((scale * q - mn - seg) ** 2)
+            lo, hi = seg.min(), seg.max()
+            triv = (hi - min(lo, 0)) / 15
+            tq = np.clip(np.rint((seg - min(lo, 0)) / triv), 0, 15) if triv > 0 else np.zeros(32)
+            assert err <= np.sum((triv * tq + min(lo, 0) - seg) ** 2) * 1.5 + 1e-12, (b, j)
 
 
 @pytest.mark.parametrize("name", GGUF_PY_QUANTIZES)

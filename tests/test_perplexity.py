@@ -97,3 +97,31 @@ def test_wikitext_windows_on_real_data(checkpoints, tmp_path):
     # the same windows of real text scored by transformers on the checkpoint (f16 weights: 1 %)
     ref = hf_perplexity(src, text, 256, max_windows=3)
     assert ref.tokens_scored == r.tokens_scored and abs(r.ppl / ref.ppl - 1) < 1e-2
+
+
+def test_literal_endoftext_is_plain_text_everywhere(checkpoints, tmp_path):
+    """A text holding the string <|endoftext|> (as corpora joined by it do) is one token stream for
+    llama.cpp (special tokens not parsed, as llama-perplexity reads text), transformers and the
+    n-gram baselines: same count, same ids, so every engine scores the same windows."""
+    from gpt2cube.eval.llama_runner import load_llama
+    from gpt2cube.tokenizers import encode_text, hf_tokenizer
+
+    src, _ = checkpoints["small"]
+    gguf_path = tmp_path / "m.gguf"
+    convert(src, gguf_path, "f32", progress=False)
+    text = "The end of one story.<|endoftext|>A new story begins here, and it goes on. " * 20
+    llm = load_llama(gguf_path, n_ctx=64)
+    try:
+        ours = list(llm.tokenize(text.encode(), add_bos=False, special=False))
+    finally:
+        llm.close()
+    plain = encode_text(hf_tokenizer(), text)
+    assert plain == ours and 50256 not in plain  # five ordinary tokens, never the EOT id
+    t = tmp_path / "eot.txt"
+    t.write_text(text)
+    res = CliRunner().invoke(main, ["eval", "perplexity", str(gguf_path), "--text", str(t), "--ctx", "64", "--hf", str(src),
+                                    "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert rows[0]["text_tokens"] == rows[1]["text_tokens"] == len(plain)
+    assert abs(rows[0]["ppl"] / rows[1]["ppl"] - 1) < 5e-3

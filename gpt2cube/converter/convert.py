@@ -24,7 +24,7 @@ from gguf import GGUFWriter
 
 from .. import __version__
 from .. import constants as K
-from ..errors import OutputError
+from ..errors import Gpt2cubeError, OutputError, ShapeMismatch
 from ..kernels import get_quant_type
 from .arch import Architecture, arch_for
 from .checkpoint import Checkpoint, open_checkpoint
@@ -187,7 +187,13 @@ def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTe
                 data = data.T
             if transform is not None:
                 data = transform(p.spec.gguf_name, data)
+            if data.shape != p.spec.shape:
+                raise ShapeMismatch(f"{ckpt.path}: tensor {p.spec.src_name} has shape {list(data.shape)} after loading; "
+                                    f"expected {list(p.spec.shape)}")
             encoded, info = p.qtype.encode(np.ascontiguousarray(data, dtype=np.float32), recipe.ternary_scale)
+            if encoded.nbytes != p.nbytes:  # the header already promised p.nbytes: never write a shifted file
+                raise Gpt2cubeError(f"internal error: {p.qtype.name} encoded {p.spec.gguf_name} {list(p.spec.shape)} "
+                                    f"into {encoded.nbytes} bytes; the GGUF header promised {p.nbytes}; no file written")
             writer.write_tensor_data(encoded)
             if info:
                 stats[p.spec.gguf_name] = info

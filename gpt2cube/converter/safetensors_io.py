@@ -77,18 +77,33 @@ class SafetensorsFile:
             if name == "__metadata__":
                 continue
             self._entries[name] = self._validate(name, info, data_size)
+        self._check_disjoint()
+
+    def _check_disjoint(self) -> None:
+        """Two tensors sharing bytes would silently alias each other's weights."""
+        spans = sorted((e.begin, e.end, n) for n, e in self._entries.items() if e.end > e.begin)
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise CorruptCheckpoint(f"{self.path}: tensors {n0!r} [{b0}, {e0}) and {n1!r} [{b1}, {e1}) overlap; "
+                                        "expected each tensor in its own byte range (the file is corrupt)")
 
     def _validate(self, name: str, info: object, data_size: int) -> _Entry:
         try:
             dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]  # type: ignore[index]
         except (TypeError, KeyError, ValueError):
             raise CorruptCheckpoint(f"{self.path}: malformed header entry for tensor {name!r}: {info!r}") from None
+        if any(d < 0 for d in shape) or not isinstance(begin, int) or not isinstance(end, int):
+            raise CorruptCheckpoint(f"{self.path}: tensor {name!r} has shape {list(shape)} and data_offsets "
+                                    f"[{begin!r}, {end!r}]; expected non-negative integers")
         if dtype not in _DTYPES:
             raise CorruptCheckpoint(
                 f"{self.path}: tensor {name!r} has dtype {dtype!r}; expected one of {', '.join(_DTYPES)}"
             )
         want = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
-        if end - begin != want or begin < 0:
+        if begin < 0 or end < begin:
+            raise CorruptCheckpoint(f"{self.path}: tensor {name!r} has data_offsets [{begin}, {end}]; expected "
+                                    "0 <= begin <= end")
+        if end - begin != want:
             raise CorruptCheckpoint(
                 f"{self.path}: tensor {name!r} spans bytes [{begin}, {end}) but shape {list(shape)} "
                 f"of {dtype} needs {want} bytes"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import GGUFFormatError, Gpt2cubeError
 
 
 def default_threads() -> int:
@@ -23,11 +26,24 @@ def load_llama(path: Path, *, n_ctx: int = 512, logits_all: bool = False, n_thre
     from llama_cpp import Llama
 
     kv = KV_F32 if kv_f32 else KV_F16
-    return Llama(
-        model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
-        n_threads=n_threads or default_threads(), verbose=False, seed=0, type_k=kv, type_v=kv,
-        embedding=embedding,
-    )
+    with llama_load_errors(path):
+        return Llama(
+            model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
+            n_threads=n_threads or default_threads(), verbose=False, seed=0, type_k=kv, type_v=kv,
+            embedding=embedding,
+        )
+
+
+@contextmanager
+def llama_load_errors(path: Path):
+    """llama-cpp-python's ValueError on a file llama.cpp refuses, as one line naming the file."""
+    if not Path(path).is_file():
+        raise GGUFFormatError(f"{path}: no such model file; expected a GGUF file")
+    try:
+        yield
+    except ValueError as e:
+        raise GGUFFormatError(f"{path}: llama.cpp could not load it ({e}); expected a GGUF file of an architecture "
+                              "llama.cpp runs (check it with `gpt2cube inspect`)") from None
 
 
 def llama_logits(path: Path, tokens: list[int], *, n_threads: int | None = None, kv_f32: bool = True) -> np.ndarray:
@@ -71,7 +87,7 @@ def llama_logits_no_repack(path: Path, tokens: list[int], *, n_threads: int | No
         mp.use_extra_bufts = False
         model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not model:
-            raise RuntimeError(f"{path}: llama.cpp could not load the model")
+            raise GGUFFormatError(f"{path}: llama.cpp could not load the model")
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = cp.n_batch = cp.n_ubatch = max(8, n)
         cp.type_k = cp.type_v = KV_F32
@@ -85,7 +101,7 @@ def llama_logits_no_repack(path: Path, tokens: list[int], *, n_threads: int | No
             batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = t, i, 1, 1
             batch.seq_id[i][0] = 0
         if llama_cpp.llama_decode(ctx, batch) != 0:
-            raise RuntimeError(f"{path}: llama_decode failed")
+            raise Gpt2cubeError(f"{path}: llama.cpp's decode of {n} tokens failed")
         n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
         return np.array([np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), shape=(n_vocab,))
                          for i in range(n)], dtype=np.float32)

@@ -36,6 +36,7 @@ class PerplexityResult:
     ctx: int
     seconds: float
     engine: str
+    text_tokens: int = 0  # tokens of the whole text, before windowing: equal across engines on one text
 
     def as_json(self) -> dict:
         return asdict(self)
@@ -67,13 +68,13 @@ def scored_nll(logits: np.ndarray, window: np.ndarray) -> np.ndarray:
     return -token_logprobs(logits[first : ctx - 1], window[first + 1 :])
 
 
-def summarise(nlls: np.ndarray, windows: int, ctx: int, seconds: float, engine: str) -> PerplexityResult:
+def summarise(nlls: np.ndarray, windows: int, ctx: int, seconds: float, engine: str, text_tokens: int = 0) -> PerplexityResult:
     n = len(nlls)
     mean = float(nlls.mean())
     var = float((nlls**2).mean() - mean**2)
     ppl = math.exp(mean)
     err = ppl * math.sqrt(var / (n - 1)) if n > 1 and var > 0 else 0.0
-    return PerplexityResult(ppl, err, mean, n, windows, ctx, seconds, engine)
+    return PerplexityResult(ppl, err, mean, n, windows, ctx, seconds, engine, text_tokens)
 
 
 def perplexity(tokens: np.ndarray, ctx: int, window_logits: Callable[[np.ndarray], np.ndarray] | None, engine: str,
@@ -89,7 +90,7 @@ def perplexity(tokens: np.ndarray, ctx: int, window_logits: Callable[[np.ndarray
     for s in tqdm(starts, desc=f"perplexity ({engine})", unit="window", disable=not progress):
         window = np.asarray(tokens[s : s + ctx])
         nlls.append(scorer(window) if scorer else scored_nll(window_logits(window), window))
-    return summarise(np.concatenate(nlls), len(starts), ctx, time.perf_counter() - t0, engine)
+    return summarise(np.concatenate(nlls), len(starts), ctx, time.perf_counter() - t0, engine, len(tokens))
 
 
 def read_text(path: Path) -> str:

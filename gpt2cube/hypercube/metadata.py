@@ -79,25 +79,36 @@ def read_hypercube(reader: GGUFReader, path: Path) -> HypercubeInfo:
             return None
         return f.contents()
 
+    def integer(key: str) -> int:
+        v = get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise GGUFFormatError(f"{where}: {key} = {v!r}; expected an integer")
+        return int(v)
+
     def array(key: str, shape: tuple[int, ...], dtype, required: bool = True) -> np.ndarray | None:
         v = get(key, required)
         if v is None:
             return None
-        a = np.asarray(v, dtype=dtype)
+        try:
+            if isinstance(v, (str, bytes)) or any(isinstance(x, (str, bytes)) for x in v):
+                raise TypeError("text")
+            a = np.asarray(v, dtype=dtype)
+        except (TypeError, ValueError):
+            raise GGUFFormatError(f"{where}: {key} is not an array of numbers") from None
         if a.size != int(np.prod(shape)):
             raise GGUFFormatError(f"{where}: {key} has {a.size} values; expected {int(np.prod(shape))} "
                                   f"(shape {'x'.join(map(str, shape))})")
         return a.reshape(shape)
 
     arch = get("general.architecture")
-    n_layer, n_embd, n_ff = (int(get(f"{arch}.{k}")) for k in ("block_count", "embedding_length", "feed_forward_length"))
-    dim = int(get(K.KEY_HC_DIM))
+    n_layer, n_embd, n_ff = (integer(f"{arch}.{k}") for k in ("block_count", "embedding_length", "feed_forward_length"))
+    dim = integer(K.KEY_HC_DIM)
     if not 1 <= dim <= 10:
         raise GGUFFormatError(f"{where}: {K.KEY_HC_DIM} = {dim}; expected 1..10")
     cube = Hypercube(dim)
     for key, want in ((K.KEY_HC_VERTEX_COUNT, cube.n_vertices), (K.KEY_HC_LAYER_COUNT, n_layer),
                       (K.KEY_HC_GROUP_SIZE, n_ff // cube.n_vertices)):
-        if int(get(key)) != want:
+        if integer(key) != want:
             raise GGUFFormatError(f"{where}: {key} = {get(key)}; expected {want} (dim {dim}, {n_layer} layers, n_ff {n_ff})")
     if n_ff % cube.n_vertices:
         raise GGUFFormatError(f"{where}: n_ff {n_ff} is not divisible by 2^{dim}")
@@ -117,7 +128,9 @@ def read_hypercube(reader: GGUFReader, path: Path) -> HypercubeInfo:
     names = get(K.KEY_HC_CONCEPT_NAMES, required=False)
     if names is not None:
         c = len(names)
-        layer = int(get(K.KEY_HC_CONCEPT_LAYER))
+        if isinstance(names, (str, bytes)) or not all(isinstance(n, str) for n in names):
+            raise GGUFFormatError(f"{where}: {K.KEY_HC_CONCEPT_NAMES} is not an array of strings")
+        layer = integer(K.KEY_HC_CONCEPT_LAYER)
         if not 0 <= layer < n_layer:
             raise GGUFFormatError(f"{where}: {K.KEY_HC_CONCEPT_LAYER} = {layer}; expected 0..{n_layer - 1}")
         verts = array(K.KEY_HC_CONCEPT_VERTICES, (c, n_layer), np.int64)
@@ -126,4 +139,4 @@ def read_hypercube(reader: GGUFReader, path: Path) -> HypercubeInfo:
         codes = array(K.KEY_HC_CONCEPT_CODES, (c, n_layer, dim), np.float32)
         concepts = ConceptMap(list(names), verts.astype(np.uint32), codes, layer)
     return HypercubeInfo(dim, n_ff // cube.n_vertices, table, w, b, perm, counts,
-                         int(get(K.KEY_HC_CALIB_TOKENS)), str(get(K.KEY_HC_CALIB_SHA256)), concepts)
+                         integer(K.KEY_HC_CALIB_TOKENS), str(get(K.KEY_HC_CALIB_SHA256)), concepts)
