@@ -5,7 +5,7 @@ them), the ratio of the two, and whether they agree within 5 %.
 llama-bench is built from the llama.cpp source that llama-cpp-python 0.3.36 vendors (the
 package index's sdist, cached in --workdir; a few minutes the first time).
 
-    python benchmarks/llama_bench.py [--types f16 q8_0 q4_0 q4_k tq2_0] [--threads 2]
+    python benchmarks/llama_bench.py [--types f16 q8_0 q4_0 q4_k tq2_0] [--threads 2] [--rounds 3]
                                      [--n-prompt 256 --n-gen 64 --repeats 5] [--workdir DIR]
 
 Prints JSON and a table. Run it on an otherwise idle machine: ggml's threads spin.
@@ -14,6 +14,7 @@ Prints JSON and a table. Run it on an otherwise idle machine: ggml's threads spi
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -29,6 +30,9 @@ def main() -> None:
     ap.add_argument("--n-prompt", type=int, default=256)
     ap.add_argument("--n-gen", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="Alternate the two tools this many times per file; the medians of the rounds are compared "
+                         "(a shared machine's speed drifts by more than 5 %% between runs)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpt2cube-llama-bench"))
     ap.add_argument("--json", type=Path, default=None, help="Also write the report here.")
     args = ap.parse_args()
@@ -43,18 +47,26 @@ def main() -> None:
         f = args.workdir / f"gpt2-124m-{t}.gguf"
         if not f.is_file():
             convert(src, f, t, force=True, progress=False, log=lambda m: None)
-        ref = llama_bench(exe, f, args.n_prompt, args.n_gen, args.threads, args.repeats)
-        ours = bench(f, n_prompt=args.n_prompt, n_gen=args.n_gen, repeats=args.repeats, n_threads=args.threads)
+        runs = {"ref_pp": [], "ref_tg": [], "pp": [], "tg": []}
+        for _ in range(args.rounds):  # alternated, so both see the same drift of the machine
+            ref = llama_bench(exe, f, args.n_prompt, args.n_gen, args.threads, args.repeats)
+            ours = bench(f, n_prompt=args.n_prompt, n_gen=args.n_gen, repeats=args.repeats, n_threads=args.threads)
+            runs["ref_pp"].append(ref["pp"][0])
+            runs["ref_tg"].append(ref["tg"][0])
+            runs["pp"].append(ours["pp_tok_s"])
+            runs["tg"].append(ours["tg_tok_s"])
+        m = {k: statistics.median(v) for k, v in runs.items()}
         row = {"type": t,
-               f"llama-bench pp{args.n_prompt}": round(ref["pp"][0], 1), f"gpt2cube pp{args.n_prompt}": round(ours["pp_tok_s"], 1),
-               "pp ratio": round(ours["pp_tok_s"] / ref["pp"][0], 3),
-               f"llama-bench tg{args.n_gen}": round(ref["tg"][0], 1), f"gpt2cube tg{args.n_gen}": round(ours["tg_tok_s"], 1),
-               "tg ratio": round(ours["tg_tok_s"] / ref["tg"][0], 3)}
+               f"llama-bench pp{args.n_prompt}": round(m["ref_pp"], 1), f"gpt2cube pp{args.n_prompt}": round(m["pp"], 1),
+               "pp ratio": round(m["pp"] / m["ref_pp"], 3),
+               f"llama-bench tg{args.n_gen}": round(m["ref_tg"], 1), f"gpt2cube tg{args.n_gen}": round(m["tg"], 1),
+               "tg ratio": round(m["tg"] / m["ref_tg"], 3)}
         row["within 5 %"] = abs(row["pp ratio"] - 1) <= 0.05 and abs(row["tg ratio"] - 1) <= 0.05
         rows.append(row)
         print(row, file=sys.stderr)
     meta = {"shape": "124M (12 x 768, n_ff 3072, vocab 50257)", "threads": args.threads, "repeats": args.repeats,
-            "llama_bench": str(exe), "statistic": "mean of per-run tokens/s (llama-bench's avg_ts) for both"}
+            "llama_bench": str(exe), "rounds": args.rounds,
+            "statistic": "median over alternated rounds of each tool's mean per-run tokens/s (llama-bench's avg_ts)"}
     print_report(rows, meta, args.json)
 
 

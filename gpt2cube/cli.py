@@ -482,20 +482,27 @@ def ngram(order: int, train_paths, test_path: Path, exclude, method: str, ctx: i
               help="HF checkpoint [default: models/reference, or a random GPT-2 when absent].")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None,
               help="Where to keep the GGUF files (default: a temporary directory).")
-@click.option("--max-windows", type=int, default=40, show_default=True, help="Perplexity windows of 512 per type.")
-@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@click.option("--full", is_flag=True,
+              help="The table of record: 40 perplexity windows per type, 5 timed bench runs (about 10 minutes "
+                   "on 2 cores) instead of 10 windows and 2 runs.")
+@click.option("--max-windows", type=int, default=None, help="Perplexity windows of 512 per type [default: 10, 40 with --full].")
+@click.option("--json", "as_json", is_flag=True, help="Print the tables as JSON.")
 @_fail_cleanly
-def demo(model: Path | None, workdir: Path | None, max_windows: int, as_json: bool) -> None:
+def demo(model: Path | None, workdir: Path | None, full: bool, max_windows: int | None, as_json: bool) -> None:
     """The main job: convert the reference model to every type, run each in llama.cpp, one table;
     then the hypercube file in stock llama.cpp and in the routed engine at each radius."""
     from .demo import format_table, run_demo, run_routed_demo
 
-    rows = run_demo(workdir, log=_log, model=model, max_windows=max_windows)
-    routed = run_routed_demo(workdir, log=_log, model=model, max_windows=max_windows)
+    windows = max_windows or (40 if full else 10)
+    rows = run_demo(workdir, log=_log, model=model, max_windows=windows, bench_repeats=5 if full else 2)
+    if not as_json:  # the first table as soon as it is ready
+        click.echo(f"Every type, run by llama.cpp ({windows} held-out windows of 512 tokens"
+                   f"{'' if full else '; --full for the table of record'}):\n")
+        click.echo(format_table(rows))
+    routed = run_routed_demo(workdir, log=_log, model=model, max_windows=windows)
     if as_json:
         click.echo(json.dumps({"types": rows, "routed": routed}, indent=2))
         return
-    click.echo(format_table(rows))
     if routed:
         click.echo("\nHypercube (Q_2 over each FFN) and the routed engine, same held-out windows:\n")
         click.echo(format_table(routed))

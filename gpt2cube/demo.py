@@ -41,8 +41,7 @@ TEXT = (
 
 
 def run_demo(workdir: Path | None, log: Callable[[str], None], model: Path | None = None,
-             max_windows: int = 40, types: list[str] | None = None) -> list[dict]:
-
+             max_windows: int = 40, types: list[str] | None = None, bench_repeats: int = 5) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="gpt2cube-demo-") as tmp:
         root = Path(workdir) if workdir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
@@ -72,7 +71,7 @@ def run_demo(workdir: Path | None, log: Callable[[str], None], model: Path | Non
                 r = llama_perplexity(out, book, 512, max_windows=max_windows)
                 row["held_out_ppl"] = round(r.ppl, 2)
                 row["ppl_stderr"] = round(r.ppl_stderr, 2)
-            b = bench(out, n_prompt=256, n_gen=64, repeats=2)
+            b = bench(out, n_prompt=256, n_gen=64, repeats=bench_repeats)
             row["pp256_t_s"], row["tg64_t_s"] = round(b["pp_tok_s"]), round(b["tg_tok_s"])
             row["max_err_over_std"] = round(float(np.abs(got - ref).max() / ref.std()), 4)
             row["top1_agreement"] = round(float((got.argmax(1) == ref.argmax(1)).mean()), 3)
