@@ -278,3 +278,20 @@ def test_llama_cpp_refusal_is_one_line(tmp_path):
             assert res.output.count("error:") == 1 and bad.name in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(main, ["generate", str(empty), "--prompt", "hi", "--n-tokens", "2"])
     assert "llama.cpp could not load it" in res.output
+
+
+def test_atomic_writes_keep_the_old_file_on_failure(tmp_path):
+    from gpt2cube.atomic import write_text, write_with
+
+    out = tmp_path / "results.json"
+    write_text(out, "old")
+
+    def fails(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        write_with(out, fails)
+    assert out.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    write_text(out, "new")
+    assert out.read_text() == "new" and len(list(tmp_path.iterdir())) == 1

@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[1] / "gpt2cube"
 
 # component (top-level module or subpackage) -> floor; a module may import its own floor and below
 LAYERS = {
-    "__init__": 0, "constants": 0, "errors": 0, "kernels": 0, "gguf_file": 0,
+    "__init__": 0, "constants": 0, "errors": 0, "atomic": 0, "kernels": 0, "gguf_file": 0,
     "tokenizers": 1,
     "converter": 2,
     "models": 3,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from gguf import GGUFWriter
 
 from .. import __version__
 from .. import constants as K
+from ..atomic import temp_beside
 from ..errors import Gpt2cubeError, OutputError, ShapeMismatch
 from ..kernels import get_quant_type
 from .arch import Architecture, arch_for
@@ -125,7 +125,7 @@ def convert(
     for p in planned:
         writer.add_tensor_info(p.spec.gguf_name, p.spec.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype.ggml_type)
 
-    fd, tmp_name = _temp_beside(out)
+    fd, tmp_name = temp_beside(out)
     tmp = Path(tmp_name)
     try:
         os.close(fd)
@@ -142,13 +142,6 @@ def convert(
     counts = Counter(p.qtype.name for p in planned)
     return ConvertResult(out, recipe.linear, out.stat().st_size, time.perf_counter() - t0,
                          dict(sorted(counts.items())), warnings, ternary)
-
-
-def _temp_beside(out: Path) -> tuple[int, str]:
-    try:
-        return tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    except OSError as e:
-        raise OutputError(f"{out}: cannot create a file in {out.parent} ({e.strerror})") from None
 
 
 def _write_metadata(writer: GGUFWriter, ckpt: Checkpoint, arch, vocab, planned: list[PlannedTensor],

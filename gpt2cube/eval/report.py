@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..gguf_file import field_value, read_gguf
+from ..atomic import write_text, write_with
+from ..gguf_file import read_header
 from ..inspect_gguf import inspect_gguf
 from .bench import bench
 from .hellaswag import evaluate_hellaswag
@@ -20,8 +21,7 @@ RESULTS_SCHEMA_VERSION = 1
 
 
 def _label(model: Path) -> str:
-
-    kind = field_value(read_gguf(model), "gpt2cube.output_type", None)
+    kind = read_header(model).kv.get("gpt2cube.output_type")
     return f"{model.stem}" + (f" [{kind}]" if kind and kind not in model.stem else "")
 
 
@@ -63,8 +63,8 @@ def run_compare(models: list[Path], out: Path, *, text: Path | None = None, hf: 
             bar.update(1)
     results["models"] = list(rows.values())
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    (out / "results.md").write_text(markdown_table(results))
+    write_text(out / "results.json", json.dumps(results, indent=2, default=float))
+    write_text(out / "results.md", markdown_table(results))
     write_plots(results, out)
     log(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots")
     return results
@@ -114,7 +114,7 @@ def write_plots(results: dict, out: Path) -> list[Path]:
 
     def save(fig, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        write_with(out / name, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
         plt.close(fig)
         written.append(out / name)
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..atomic import write_with
 from ..errors import InputError
 from ..tokenizers import bundled_gpt2_files
 from .data import corpus_files, load_tokens, split_holdout
@@ -250,5 +251,5 @@ def plot_loss(log_path: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    write_with(png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
