@@ -3,6 +3,7 @@ is left behind; the input is never modified."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -215,14 +216,14 @@ def test_bf16_safetensors_input(checkpoints, tmp_path):
     bf = tmp_path / "bf16"
     shutil.copytree(src, bf)
     (bf / "model.safetensors").unlink()
-    model.to(torch.bfloat16).save_pretrained(bf)
-    model.to(torch.float32)
+    # copies: the session-wide fixture model must keep its float32 weights for other tests
+    widened = copy.deepcopy(model).to(torch.bfloat16)
+    widened.save_pretrained(bf)
+    widened = widened.to(torch.float32)
     header = json.loads((bf / "model.safetensors").read_bytes()[8:8 + int.from_bytes((bf / "model.safetensors").read_bytes()[:8], "little")])
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
     out = tmp_path / "bf16.gguf"
     convert(bf, out, "f32", progress=False)
-    widened = model.to(torch.bfloat16).to(torch.float32)
-    model.to(torch.float32)
     t = {x.name: x for x in gguf.GGUFReader(out).tensors}
     want = widened.transformer.h[0].attn.c_attn.weight.detach().numpy().T
     assert np.array_equal(np.asarray(t["blk.0.attn_qkv.weight"].data).reshape(want.shape), want)
