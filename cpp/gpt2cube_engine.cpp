@@ -83,7 +83,8 @@ struct g2c_engine {
     std::vector<layer> layers;
     ggml_tensor * signs = nullptr;              // [d, V] S
     std::vector<ggml_tensor *> balls;           // radius r -> [B_r, V] i32 group ids (ascending)
-    std::vector<ggml_tensor *> ball_masks;      // radius r -> [V, V] f32: 1 where group u is in v's ball
+    std::vector<ggml_tensor *> ball_masks;      // radius r -> [V, V] f32: 1 where group u is in v's ball;
+                                                // only for the radii the masked path runs (else null)
     int graph_size = 0;                         // nodes of the largest graph build() makes
 
     ~g2c_engine() {
@@ -298,7 +299,8 @@ struct g2c_engine {
                 int64_t B = 0;
                 for (int k = 0; k <= r; ++k) B += binom(dim, k);
                 balls.push_back(ggml_new_tensor_2d(xctx, GGML_TYPE_I32, B, n_vertices));
-                ball_masks.push_back(ggml_new_tensor_2d(xctx, GGML_TYPE_F32, n_vertices, n_vertices));
+                ball_masks.push_back(2 * B > n_vertices ? ggml_new_tensor_2d(xctx, GGML_TYPE_F32, n_vertices, n_vertices)
+                                                        : nullptr);
             }
         }
         // nodes per layer: about 30 for attention and a dense FFN, about 20 more when routed
@@ -365,7 +367,7 @@ struct g2c_engine {
                         if (in) ids.push_back(u);
                     }
                 ggml_backend_tensor_set(balls[r], ids.data(), 0, ids.size() * sizeof(int32_t));
-                ggml_backend_tensor_set(ball_masks[r], mask.data(), 0, mask.size() * sizeof(float));
+                if (ball_masks[r]) ggml_backend_tensor_set(ball_masks[r], mask.data(), 0, mask.size() * sizeof(float));
             }
         }
     }
