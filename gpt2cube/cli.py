@@ -13,6 +13,7 @@ import click
 from . import __version__
 from .errors import Gpt2cubeError
 from .eval.spam import SPLITS as SPAM_SPLITS
+from .finetune.loop import TASKS as FT_TASKS
 from .kernels import QUANT_TYPES
 from .train.ngram import METHODS as NGRAM_METHODS
 from .train.trainer import PRESETS  # light: torch is imported only when training starts
@@ -173,18 +174,19 @@ def perplexity(model: Path, text_file: Path, ctx: int, hf_dir: Path | None, max_
 @click.option("--seed", type=int, default=None, help="Seed of the split [default: 0 stratified, 123 balanced].")
 @click.option("--shots", type=int, default=0, show_default=True, help="Few-shot examples in the prompt.")
 @click.option("--limit", type=int, default=None, help="Score a seeded subsample of N test messages.")
+@click.option("--no-probe", is_flag=True, help="Only the model answering (label likelihood); skip the linear probe.")
 @click.option("--threads", type=int, default=None)
 @click.option("--quiet", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
 def spam(model: Path, data: Path, split_name: str, test_fraction: float, seed: int | None, shots: int,
-         limit: int | None, threads: int | None, quiet: bool, as_json: bool) -> None:
+         limit: int | None, no_probe: bool, threads: int | None, quiet: bool, as_json: bool) -> None:
     """SMS spam classification: prompted label likelihood and a linear probe on embeddings."""
     from .eval.spam import evaluate_spam
 
     _require_file(model)
     r = evaluate_spam(model, data, split=split_name, test_fraction=test_fraction, seed=seed, shots=shots, limit=limit,
-                      n_threads=threads, progress=not quiet)
+                      n_threads=threads, progress=not quiet, probe=not no_probe)
     if as_json:
         click.echo(json.dumps(r, indent=2, default=float))
         return
@@ -195,6 +197,8 @@ def spam(model: Path, data: Path, split_name: str, test_fraction: float, seed: i
                f"validation {sp['validation']['messages']}, test {sp['test']['messages']} ({sp['test']['spam']} spam); "
                f"scored: {r['test']} test messages ({r['test_spam']} spam)" + (" (stratified subsample)" if r["limit"] else ""))
     for name in ("label_likelihood", "linear_probe"):
+        if name not in r:
+            continue
         m = r[name]
         c = m["confusion"]
         click.echo(f"{name:>16}: accuracy {m['accuracy']:.4f}  precision {m['precision']:.4f}  recall "
@@ -436,6 +440,96 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
     click.echo(json.dumps(summary, indent=2) if as_json else
                f"wrote {out}: {summary['step']} steps, {summary['tokens']:,} tokens, "
                f"held-out ppl {summary.get('val_ppl')}")
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Output checkpoint directory (Hugging Face layout, fp32; `convert` takes it).")
+@click.option("--task", type=click.Choice(list(FT_TASKS)), default="lm", show_default=True,
+              help="lm: language modelling on --corpus; spam: SMS spam as prompt + message -> label word on --data.")
+@click.option("--corpus", multiple=True, type=click.Path(path_type=Path),
+              help="lm: text file or directory of .txt files (repeatable).")
+@click.option("--holdout", multiple=True, type=click.Path(path_type=Path),
+              help="lm: corpus file held out as validation text (repeatable, by name) [default: the corpus' last 5 %].")
+@click.option("--exclude", multiple=True, type=click.Path(path_type=Path),
+              help="lm: corpus file used for neither training nor validation (repeatable, by name): the text you "
+                   "will evaluate on.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="spam: SMSSpamCollection (ham|spam<TAB>text).")
+@click.option("--split", "split_name", type=click.Choice(sorted(SPAM_SPLITS)), default="stratified", show_default=True,
+              help="spam: the deduplicated split whose training part is trained on (as `eval spam --split`).")
+@click.option("--qat", type=click.Choice(sorted(QUANT_TYPES)), default=None,
+              help="Quantization-aware training for this --type: the forward pass uses exactly the values "
+                   "`convert --type` stores (straight-through gradients, latent fp32 weights saved).")
+@click.option("--embed-type", type=click.Choice(sorted(QUANT_TYPES)), default=None,
+              help="As convert's --embed-type [default: q8_0 for ternary --qat, else --qat].")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None, help="As convert's --recipe.")
+@click.option("--ternary-scale", type=click.Choice(["tensor", "row"]), default="tensor", show_default=True,
+              help="As convert's --ternary-scale.")
+@click.option("--strict", is_flag=True, help="As convert's --strict: no row-length fallbacks.")
+@click.option("--qat-warmup", type=int, default=0, show_default=True,
+              help="Steps over which the quantized weights are blended in (lambda 0 -> 1); 0 switches at once.")
+@click.option("--freeze-embeddings/--train-embeddings", default=None,
+              help="Keep token/position embeddings fixed [default: frozen under --qat, trained otherwise].")
+@click.option("--distill", type=click.Path(path_type=Path), default=None,
+              help="Teacher checkpoint (same vocabulary, at least the context): KL distillation from its logits.")
+@click.option("--distill-weight", type=float, default=0.5, show_default=True,
+              help="Share of the distillation loss: (1 - w) * CE + w * KL.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature.")
+@click.option("--tokens", type=int, default=None, help="Fine-tuning tokens [default: lm 2,000,000; spam 300,000].")
+@click.option("--batch-size", type=int, default=None, help="[default: lm 8 windows; spam 16 messages].")
+@click.option("--ctx", type=int, default=None, help="lm window [default: min(512, the model's positions)].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: lm 5e-4; spam 2e-4].")
+@click.option("--warmup-steps", type=int, default=None, help="Learning-rate warm-up steps [default: 20].")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--dropout", type=float, default=0.0, show_default=True,
+              help="Dropout while fine-tuning, in place of the checkpoint's rates (its config.json is kept).")
+@click.option("--eval-every", type=int, default=None, help="Steps between validations and checkpoints [default: 50].")
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="bf16 autocast (fp32 master weights) or fp32; auto = bf16 except on MPS.")
+@click.option("--stop-at", type=int, default=None, help="Stop (resumably) after this step.")
+@click.option("--resume", is_flag=True, help="Continue OUT exactly (same settings).")
+@click.option("--force", is_flag=True, help="Replace a checkpoint already in OUT.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
+@_fail_cleanly
+def finetune(src, out, task, corpus, holdout, exclude, data, split_name, qat, embed_type, recipe_file, ternary_scale, strict,
+             qat_warmup, freeze_embeddings, distill, distill_weight, temperature, tokens, batch_size, ctx, lr,
+             warmup_steps, weight_decay, dropout, eval_every, seed, device, threads, precision, stop_at, resume, force, quiet,
+             as_json) -> None:
+    """Fine-tune the GPT-2 checkpoint SRC: recover a compressed model's quality (QAT, distillation)
+    or teach it a task, and write a checkpoint that `convert` takes.
+
+    The best validation step is what OUT holds; with --qat, validation runs on the quantized
+    values, so its figures are those of the converted file."""
+    from .converter.plan import load_recipe_file
+    from .finetune.loop import FinetuneConfig
+    from .finetune.loop import finetune as run_finetune
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    patterns = load_recipe_file(recipe_file) if recipe_file else []
+    if patterns and not qat:
+        raise click.BadParameter("a recipe only applies with --qat", param_hint="--recipe")
+    cfg = FinetuneConfig(src=str(src), out=str(out), task=task, corpus=[str(c) for c in corpus],
+                         holdout=[str(h) for h in holdout], exclude=[str(e) for e in exclude], data=str(data) if data else None, split=split_name,
+                         qat=qat, embed_type=embed_type, recipe=patterns, ternary_scale=ternary_scale, strict=strict,
+                         qat_warmup=qat_warmup, freeze_embeddings=freeze_embeddings,
+                         distill=str(distill) if distill else None, distill_weight=distill_weight,
+                         temperature=temperature, tokens=tokens, batch_size=batch_size, ctx=ctx, lr=lr,
+                         warmup_steps=warmup_steps, weight_decay=weight_decay, dropout=dropout, eval_every=eval_every, seed=seed,
+                         device=device, precision=precision, stop_at=stop_at)
+    summary = run_finetune(cfg, resume=resume, force=force, progress=not quiet, log=_log)
+    best = summary["best"]
+    click.echo(json.dumps(summary, indent=2) if as_json else
+               f"wrote {out}: {summary['steps']} steps, {summary['tokens']:,} tokens; best at step {best['step']}: "
+               + ", ".join(f"{k} {v}" for k, v in best.items() if k.startswith("val_"))
+               + (f"\nnext: {summary['convert']}" if "convert" in summary else ""))
 
 
 @main.group()

@@ -201,7 +201,7 @@ def logistic_regression(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iters: in
     return w
 
 
-def _prompt(text: str, shots: list[Message]) -> str:
+def prompt_for(text: str, shots: list[Message]) -> str:
     demo = "".join(f"Message: {m.text}\nAnswer: {LABELS[m.label]}\n\n" for m in shots)
     return f"{PROMPT}\n{demo}Message: {text}\nAnswer:"
 
@@ -211,7 +211,7 @@ def label_scores(llm, texts: list[str], shots: list[Message], max_tokens: int) -
     spam_id, ham_id = llm.tokenize(b" spam", add_bos=False)[0], llm.tokenize(b" ham", add_bos=False)[0]
     out = np.empty(len(texts))
     for i, text in enumerate(texts):
-        toks = llm.tokenize(_prompt(text, shots).encode("utf-8"), add_bos=False)[-max_tokens:]
+        toks = llm.tokenize(prompt_for(text, shots).encode("utf-8"), add_bos=False)[-max_tokens:]
         llm.reset()
         llm.eval(toks)
         logits = np.asarray(llm.scores[len(toks) - 1], dtype=np.float64)
@@ -231,7 +231,7 @@ def embed_mean(llm, texts: list[str], max_tokens: int) -> np.ndarray:
 
 def evaluate_spam(model: Path, data: Path, *, split: str = "stratified", test_fraction: float = 0.2,
                   seed: int | None = None, shots: int = 0, calib: int = 300, limit: int | None = None,
-                  n_threads: int | None = None, progress: bool = False) -> dict:
+                  n_threads: int | None = None, progress: bool = False, probe: bool = True) -> dict:
     from tqdm import tqdm
 
 
@@ -269,6 +269,8 @@ def evaluate_spam(model: Path, data: Path, *, split: str = "stratified", test_fr
     result["label_likelihood"] = {**metrics(y_test, scores > threshold), "threshold": threshold,
                                   "calibration_messages": len(calib_idx), "seconds": time.perf_counter() - t0}
 
+    if not probe:
+        return result
     t0 = time.perf_counter()
     llm = load_llama(model, n_ctx=n_ctx, n_threads=n_threads, embedding=True)
     try:

@@ -80,11 +80,16 @@ def pick_precision(name: str, device: str) -> str:
     return "fp32" if device == "mps" else "bf16"
 
 
+def cosine_lr(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10 % of `peak` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, ctx: int):
@@ -242,7 +247,8 @@ def plot_loss(log_path: Path, png: Path) -> None:
     if not rows:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["tokens"] for r in rows], [r["loss"] for r in rows], lw=0.8, label="train loss")
+    tr = [r for r in rows if "loss" in r]  # a fine-tune's step-0 row holds only the starting validation
+    ax.plot([r["tokens"] for r in tr], [r["loss"] for r in tr], lw=0.8, label="train loss")
     ev = [r for r in rows if "val_loss" in r]
     if ev:
         ax.plot([r["tokens"] for r in ev], [r["val_loss"] for r in ev], "o-", label="held-out loss")

@@ -1,0 +1,258 @@
+"""Recovery: what fine-tuning gives back to the compressed reference model, every figure from the
+converted GGUF run by llama.cpp.
+
+    python benchmarks/recovery.py [--workdir DIR] [--reference models/reference]
+        [--lm-tokens 2000000] [--spam-tokens 300000] [--max-windows 40] [--hellaswag-limit 400]
+        [--spam-limit N] [--sweep-tokens 400000] [--no-sweep] [--threads 2]
+
+Rows: f16, q4_k, tq2_0, tq1_0 linear layers (ternary rows with Q4_K embeddings, the shipped
+reference-ternary's choice) x {as converted; QAT (LM + distillation from the f16 model); spam
+fine-tuned; spam fine-tuned with QAT (starting from the QAT model)}. tq1_0 files are converted
+from the tq2_0 checkpoints: the same ternary values, so the same figures.
+Columns: held-out PPL (pg35, excluded from every fine-tune; llama.cpp), spam by the model
+answering on the deduplicated stratified test split and on the balanced split's test part (each
+spam fine-tune trained on that split's training part only), HellaSwag (seeded subset), file MB,
+tg t/s and peak RSS (`gpt2cube bench`), fine-tuning tokens and minutes.
+The sweep (tq2_0, LM + distillation): learning rate x QAT warm-up at --sweep-tokens each; its
+plot is the validation PPL during training (torch on exactly the quantized weights, validation
+books pg1661/pg768/pg1952) against tokens, with each run's llama.cpp PPL on pg35 at the end.
+Fine-tuned checkpoints are cached in WORKDIR (a finished run with the same settings is reused).
+Writes WORKDIR/recovery.json, recovery.md, recovery.png, sweep.png; prints JSON and the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+BOOKS = DATA / "gutenberg" / "books"
+VALIDATION = ["pg1661.txt", "pg768.txt", "pg1952.txt"]  # held out of the reference's training too
+EVAL_BOOK = "pg35.txt"
+SPAM = DATA / "sms_spam" / "SMSSpamCollection"
+HELLASWAG = DATA / "hellaswag" / "hellaswag_val_full.txt"
+
+
+def run_finetune(out: Path, log, **kw) -> dict:
+    """A fine-tune, or the cached result of the same one."""
+    from dataclasses import asdict
+
+    from gpt2cube.finetune.loop import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(out=str(out), **kw).resolved()
+    done = out / "finetune.json"
+    if done.is_file() and (out / "summary.json").is_file():
+        rec = json.loads(done.read_text())
+        if rec["config"] == json.loads(json.dumps(asdict(cfg))):
+            return json.loads((out / "summary.json").read_text())
+    log(f"fine-tuning {out.name} ...")
+    summary = finetune(cfg, force=True, progress=False, log=log)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def measure(gguf: Path, args, spam_split: str | None, stratified_model: Path | None = None) -> dict:
+    """llama.cpp figures of one file. `spam_split`: which split(s) this file may be scored on."""
+    from gpt2cube.eval.bench import bench
+    from gpt2cube.eval.hellaswag import evaluate_hellaswag
+    from gpt2cube.eval.perplexity import llama_perplexity, read_text
+    from gpt2cube.eval.spam import evaluate_spam
+
+    row: dict = {"file_mb": round(gguf.stat().st_size / 1e6, 2)}
+    r = llama_perplexity(gguf, read_text(BOOKS / EVAL_BOOK), 512, max_windows=args.max_windows, n_threads=args.threads)
+    row["ppl_pg35"] = round(r.ppl, 2)
+    for split in (["stratified", "balanced"] if spam_split is None else [spam_split]):
+        s = evaluate_spam(gguf, SPAM, split=split, limit=args.spam_limit, n_threads=args.threads, probe=False)
+        m = s["label_likelihood"]
+        row[f"spam_{split}"] = {k: round(m[k], 4) for k in ("accuracy", "precision", "recall", "f1")}
+        row[f"spam_{split}"]["test_messages"] = s["test"]
+    if args.hellaswag_limit:
+        h = evaluate_hellaswag(gguf, HELLASWAG, limit=args.hellaswag_limit, seed=0, n_threads=args.threads)
+        row["hellaswag"] = round(h["accuracy"], 4)
+    b = bench(gguf, n_prompt=128, n_gen=64, repeats=args.repeats, n_threads=args.threads)
+    row["tg_t_s"], row["peak_rss_mb"] = round(b["tg_tok_s"], 1), round(b["peak_rss_mb"])
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpt2cube-recovery"))
+    ap.add_argument("--reference", type=Path, default=ROOT / "models" / "reference")
+    ap.add_argument("--lm-tokens", type=int, default=2_000_000)
+    ap.add_argument("--spam-tokens", type=int, default=300_000)
+    ap.add_argument("--max-windows", type=int, default=40)
+    ap.add_argument("--hellaswag-limit", type=int, default=400)
+    ap.add_argument("--spam-limit", type=int, default=None)
+    ap.add_argument("--sweep-tokens", type=int, default=400_000)
+    ap.add_argument("--sweep-lr", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3])
+    ap.add_argument("--sweep-warmup", type=int, nargs="+", default=[0, 50])
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"{DATA}: the shared data sets are needed (Gutenberg books, SMS spam, HellaSwag)")
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from gpt2cube.converter import convert
+    from gpt2cube.converter.plan import Recipe
+
+    torch.set_num_threads(args.threads)
+    wd = args.workdir
+    wd.mkdir(parents=True, exist_ok=True)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    ref = args.reference
+    lm = dict(task="lm", corpus=[str(BOOKS)], holdout=VALIDATION, exclude=[EVAL_BOOK], distill=str(ref))
+    embed = {"f16": None, "q4_k": None, "tq2_0": "q4_k"}
+
+    # fine-tunes: LM QAT per compressed type, spam per split for f16 and each QAT type
+    runs: dict[tuple[str, str, str | None], tuple[Path, dict]] = {}
+    for t in ("q4_k", "tq2_0"):
+        out = wd / f"qat-{t}"
+        runs[(t, "qat", None)] = (out, run_finetune(out, log, src=str(ref), qat=t, embed_type=embed[t],
+                                                    tokens=args.lm_tokens, **lm))
+    for split in ("stratified", "balanced"):
+        out = wd / f"spam-f16-{split}"
+        runs[("f16", "spam", split)] = (out, run_finetune(out, log, src=str(ref), task="spam", data=str(SPAM),
+                                                          split=split, tokens=args.spam_tokens))
+        for t in ("q4_k", "tq2_0"):
+            out = wd / f"spam-qat-{t}-{split}"
+            runs[(t, "spam+qat", split)] = (out, run_finetune(
+                out, log, src=str(runs[(t, "qat", None)][0]), task="spam", data=str(SPAM), split=split, qat=t,
+                embed_type=embed[t], tokens=args.spam_tokens))
+
+    def gguf_of(ckpt: Path, t: str, name: str) -> Path:
+        f = wd / f"{name}.gguf"
+        e = embed["tq2_0" if t.startswith("tq") else t]
+        convert(ckpt, f, Recipe(linear=t, embed=e), force=True, progress=False, log=lambda m: None)
+        return f
+
+    rows = []
+    for t in ("f16", "q4_k", "tq2_0", "tq1_0"):
+        base = "tq2_0" if t == "tq1_0" else t
+        stages = [("as converted", ref, None)]
+        if t != "f16":
+            stages.append(("QAT (LM + distillation)", runs[(base, "qat", None)][0], runs[(base, "qat", None)][1]))
+        key = ("f16", "spam") if t == "f16" else (base, "spam+qat")
+        stages.append(("spam fine-tuned" + (" with QAT" if t != "f16" else ""), key, None))
+        for stage, ckpt, summary in stages:
+            t0 = time.perf_counter()
+            if isinstance(ckpt, tuple):  # one model per spam split, each scored on its own split only
+                strat, s_sum = runs[(*key, "stratified")]
+                bal, b_sum = runs[(*key, "balanced")]
+                row = measure(gguf_of(strat, t, f"{t}-spam-stratified"), args, "stratified")
+                row.update({k: v for k, v in measure(gguf_of(bal, t, f"{t}-spam-balanced"), args, "balanced").items()
+                            if k.startswith("spam_")})
+                ft_tokens = s_sum["tokens"] + b_sum["tokens"]
+                ft_min = (s_sum["seconds"] + b_sum["seconds"]) / 60
+                if t != "f16":  # plus the LM QAT it started from
+                    q = runs[(base, "qat", None)][1]
+                    ft_tokens += q["tokens"]
+                    ft_min += q["seconds"] / 60
+            else:
+                row = measure(gguf_of(ckpt, t, f"{t}-{'qat' if summary else 'plain'}"), args, None)
+                ft_tokens = summary["tokens"] if summary else 0
+                ft_min = summary["seconds"] / 60 if summary else 0
+            row = {"type": t, "stage": stage, **row, "ft_tokens": ft_tokens, "ft_minutes": round(ft_min, 1),
+                   "eval_seconds": round(time.perf_counter() - t0)}
+            rows.append(row)
+            log(json.dumps(row))
+
+    sweep = [] if args.no_sweep else run_sweep(args, wd, ref, lm, gguf_of, log)
+    report = {"meta": {"reference": str(ref), "eval_text": f"{EVAL_BOOK} (held out of the reference and of every "
+                       f"fine-tune), {args.max_windows} windows of 512", "validation_books": VALIDATION,
+                       "spam": "deduplicated; stratified test split and balanced test split; model answering "
+                       "(label likelihood, threshold fitted on 300 training messages)",
+                       "hellaswag": f"validation split, seeded subset of {args.hellaswag_limit}", "threads": args.threads,
+                       "lm_tokens": args.lm_tokens, "spam_tokens": args.spam_tokens},
+              "rows": rows, "sweep": sweep}
+    (wd / "recovery.json").write_text(json.dumps(report, indent=2))
+    md = table(rows)
+    (wd / "recovery.md").write_text(md)
+    plot_rows(rows, wd / "recovery.png")
+    print(json.dumps(report, indent=2))
+    print()
+    print(md)
+
+
+def run_sweep(args, wd: Path, ref: Path, lm: dict, gguf_of, log) -> list[dict]:
+    from gpt2cube.eval.perplexity import llama_perplexity, read_text
+
+    out = []
+    for lr in args.sweep_lr:
+        for warm in args.sweep_warmup:
+            d = wd / f"sweep-lr{lr:g}-w{warm}"
+            s = run_finetune(d, log, src=str(ref), qat="tq2_0", embed_type="q4_k", tokens=args.sweep_tokens, lr=lr,
+                             qat_warmup=warm, **lm)
+            curve = [(r["tokens"], r["val_ppl"]) for r in map(json.loads, (d / "train_log.jsonl").read_text().splitlines())
+                     if "val_ppl" in r]
+            ppl = llama_perplexity(gguf_of(d, "tq2_0", d.name), read_text(BOOKS / EVAL_BOOK), 512,
+                                   max_windows=args.max_windows, n_threads=args.threads).ppl
+            out.append({"lr": lr, "qat_warmup": warm, "tokens": s["tokens"], "minutes": round(s["seconds"] / 60, 1),
+                        "val_curve": curve, "ppl_pg35": round(ppl, 2)})
+            log(json.dumps({k: v for k, v in out[-1].items() if k != "val_curve"}))
+    plot_sweep(out, wd / "sweep.png")
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["type", "stage", "ppl_pg35", "spam F1 strat", "spam acc strat", "spam F1 bal", "spam acc bal", "hellaswag",
+            "file_mb", "tg_t_s", "peak_rss_mb", "ft_tokens", "ft_minutes"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = {**r, "spam F1 strat": r["spam_stratified"]["f1"], "spam acc strat": r["spam_stratified"]["accuracy"],
+                 "spam F1 bal": r["spam_balanced"]["f1"], "spam acc bal": r["spam_balanced"]["accuracy"]}
+        lines.append("| " + " | ".join(str(cells.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_rows(rows: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{r['type']}\n{r['stage'].replace(' (LM + distillation)', '').replace('spam fine-tuned', 'spam')}"
+              for r in rows]
+    a.bar(range(len(rows)), [r["ppl_pg35"] for r in rows], color="tab:blue")
+    a.set_xticks(range(len(rows)), labels, fontsize=6, rotation=90)
+    a.set_ylabel("held-out PPL (pg35, llama.cpp)")
+    a.set_yscale("log")
+    b.bar([i - 0.2 for i in range(len(rows))], [r["spam_stratified"]["f1"] for r in rows], 0.4, label="stratified F1")
+    b.bar([i + 0.2 for i in range(len(rows))], [r["spam_balanced"]["accuracy"] for r in rows], 0.4, label="balanced accuracy")
+    b.set_xticks(range(len(rows)), labels, fontsize=6, rotation=90)
+    b.set_ylim(0, 1)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(sweep: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in sweep:
+        x, y = zip(*s["val_curve"])
+        ax.plot(x, y, "o-", ms=3, label=f"lr {s['lr']:g}, warm-up {s['qat_warmup']} (pg35 {s['ppl_pg35']})")
+    ax.set_xlabel("fine-tuning tokens")
+    ax.set_ylabel("validation PPL, tq2_0 weights (torch)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""What a fine-tune trains on: batches and the validation score that picks the checkpoint.
+
+Two tasks, one interface (`batch(rng)`, `validate(forward)`):
+ - `LMTask`: next-token prediction on random windows of a text corpus (files held out by name
+   are the validation text, as `gpt2cube train` does; excluded files are read by neither, so a
+   book kept for the final evaluation never picks the checkpoint);
+ - `SpamTask`: supervised SMS spam as language modelling. Each example is exactly the prompt
+   `gpt2cube eval spam` builds (`eval.spam.prompt_for`) followed by the label word (" spam" or
+   " ham", one GPT-2 token each); the loss is the cross-entropy of that label token. The result
+   stays a plain GPT-2 that llama.cpp runs and `eval spam` scores with the model answering.
+   Only the training part of the deduplicated split is trained on; the split's validation
+   part (balanced) or a seeded stratified tenth of its training part (stratified) picks the
+   checkpoint; the test part is never read.
+A batch is (input ids (B, T), the positions scored (N,) as flat indices into B*T, their targets
+(N,)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..constants import GPT2_EOT_ID
+from ..errors import InputError
+from ..eval.spam import LABELS, deduplicate, make_split, metrics, prompt_for, read_sms, stratified_split
+from ..tokenizers import encode_text
+from ..train.data import corpus_files, load_tokens, split_holdout
+
+
+@dataclass
+class Batch:
+    ids: "object"        # torch.LongTensor (B, T)
+    scored: "object"     # torch.LongTensor (N,) flat positions into (B, T)
+    targets: "object"    # torch.LongTensor (N,)
+    tokens: int          # tokens in the batch (for the token count)
+
+
+# nll(batch) -> mean cross-entropy at its scored positions; scored_logits(batch) -> (N, V) logits
+NLL = Callable[[Batch], float]
+ScoredLogits = Callable[[Batch], "object"]
+
+
+class LMTask:
+    name = "lm"
+
+    def __init__(self, corpus: list[Path], holdout: list[Path], ctx: int, batch_size: int,
+                 val_windows: int = 32, exclude: list[Path] | None = None) -> None:
+        files = corpus_files(corpus)
+        if exclude:  # left out of training and of validation (e.g. the book evaluated on afterwards)
+            files, _ = split_holdout(files, exclude)
+        train_files, val_files = split_holdout(files, holdout)
+        if not train_files:
+            raise InputError("every corpus file is held out; nothing is left to fine-tune on")
+        self.train = load_tokens(train_files)
+        if val_files:
+            self.val = load_tokens(val_files)
+        else:  # the last twentieth of the corpus, removed from training
+            n = max(ctx * 16, len(self.train) // 20)
+            self.train, self.val = self.train[:-n], self.train[-n:]
+        for what, toks in (("fine-tuning corpus", self.train), ("validation text", self.val)):
+            if len(toks) < ctx + 2:
+                raise InputError(f"the {what} has {len(toks)} tokens, fewer than one window of --ctx {ctx} + 1")
+        self.ctx, self.batch_size = ctx, batch_size
+        n_val = min(val_windows, (len(self.val) - 1) // ctx)
+        self.val_starts = (np.arange(n_val) * ((len(self.val) - ctx - 1) // max(1, n_val))).astype(np.int64)
+        self.sizes = {"train_tokens": int(len(self.train)), "validation_tokens": int(len(self.val))}
+        self.tokens_per_batch = batch_size * ctx
+
+    def _windows(self, toks: np.ndarray, starts: np.ndarray) -> Batch:
+        import torch
+
+        idx = starts[:, None] + np.arange(self.ctx + 1)[None, :]
+        xy = torch.from_numpy(toks[idx].astype(np.int64))
+        n = xy.shape[0] * self.ctx
+        return Batch(xy[:, :-1], torch.arange(n), xy[:, 1:].reshape(-1), n)
+
+    def batch(self, rng: np.random.Generator) -> Batch:
+        return self._windows(self.train, rng.integers(0, len(self.train) - self.ctx - 1, size=self.batch_size))
+
+    def validate(self, nll: NLL, scored_logits: ScoredLogits) -> dict:
+        losses = [nll(self._windows(self.val, self.val_starts[i : i + self.batch_size]))
+                  for i in range(0, len(self.val_starts), self.batch_size)]
+        loss = float(np.mean(losses))
+        return {"val_loss": round(loss, 4), "val_ppl": round(float(np.exp(loss)), 3), "select": loss}
+
+
+def label_token_ids(tokenizer) -> list[int]:
+    ids = []
+    for label in LABELS:
+        toks = tokenizer(f" {label}", add_special_tokens=False)["input_ids"]
+        if len(toks) != 1:
+            raise InputError(f"the tokenizer splits the label {label!r} into {len(toks)} tokens; the spam task "
+                             "needs one token per label (GPT-2's BPE has ' ham' and ' spam')")
+        ids.append(toks[0])
+    return ids
+
+
+class SpamTask:
+    name = "spam"
+
+    def __init__(self, data: Path, tokenizer, split: str, batch_size: int, max_tokens: int, seed: int | None = None) -> None:
+        dedup = deduplicate(read_sms(data))
+        self.msgs = dedup.messages
+        parts = make_split(self.msgs, split, seed)
+        train, val = parts.train, parts.validation
+        if not val:  # stratified has no validation part: a seeded stratified tenth of train
+            sub = [self.msgs[i] for i in train]
+            inner = stratified_split(sub, 0.1, parts.seed + 7)
+            train, val = [train[i] for i in inner.train], [train[i] for i in inner.test]
+        self.train_idx, self.val_idx = train, val
+        self.label_ids = label_token_ids(tokenizer)
+        self.batch_size, self.max_tokens = batch_size, max_tokens
+
+        def encode(i: int) -> list[int]:
+            return encode_text(tokenizer, prompt_for(self.msgs[i].text, []))[-(max_tokens - 1):]
+
+        self.encoded = {i: encode(i) for i in train + val}
+        self.tokens_per_batch = batch_size * float(np.mean([len(self.encoded[i]) + 1 for i in train]))
+        self.split = parts.describe(self.msgs)
+        self.split["fine_tune_train"] = len(train)
+        self.split["fine_tune_validation"] = len(val)
+        self.sizes = {"train_messages": len(train), "validation_messages": len(val),
+                      "deduplicated_messages": len(self.msgs), "split": self.split}
+
+    def _batch(self, idx: list[int]) -> Batch:
+        import torch
+
+        seqs = [self.encoded[i] for i in idx]
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), GPT2_EOT_ID, dtype=torch.long)  # right padding: causal, never attended
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+        scored = torch.tensor([r * T + len(s) - 1 for r, s in enumerate(seqs)])
+        targets = torch.tensor([self.label_ids[self.msgs[i].label] for i in idx])
+        return Batch(ids, scored, targets, sum(len(s) + 1 for s in seqs))
+
+    def batch(self, rng: np.random.Generator) -> Batch:
+        pick = rng.integers(0, len(self.train_idx), size=self.batch_size)
+        return self._batch([self.train_idx[int(i)] for i in pick])
+
+    def validate(self, nll: NLL, scored_logits: ScoredLogits) -> dict:
+        import torch.nn.functional as F
+
+        losses, scores = [], []
+        spam, ham = self.label_ids[1], self.label_ids[0]
+        for i in range(0, len(self.val_idx), self.batch_size):
+            b = self._batch(self.val_idx[i : i + self.batch_size])
+            logits = scored_logits(b)
+            losses.append(float(F.cross_entropy(logits, b.targets.to(logits.device), reduction="sum")))
+            scores.append((logits[:, spam] - logits[:, ham]).cpu().numpy())
+        y = np.array([self.msgs[i].label for i in self.val_idx])
+        m = metrics(y, np.concatenate(scores) > 0)
+        loss = float(np.sum(losses)) / len(self.val_idx)
+        return {"val_loss": round(loss, 4), "val_f1": round(m["f1"], 4), "val_accuracy": round(m["accuracy"], 4),
+                "select": loss}
