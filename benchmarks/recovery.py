@@ -2,20 +2,24 @@
 converted GGUF run by llama.cpp.
 
     python benchmarks/recovery.py [--workdir DIR] [--reference models/reference]
-        [--lm-tokens 2000000] [--spam-tokens 300000] [--max-windows 40] [--hellaswag-limit 400]
-        [--spam-limit N] [--sweep-tokens 400000] [--no-sweep] [--threads 2]
+        [--lm-tokens 2000000] [--q4k-tokens 500000] [--spam-tokens 300000] [--max-windows 40]
+        [--hellaswag-limit 200] [--spam-limit N] [--sweep-tokens 122880] [--sweep 5e-4:0 5e-4:20 1e-3:0]
+        [--no-sweep] [--distill-weight 0] [--threads 2]
 
 Rows: f16, q4_k, tq2_0, tq1_0 linear layers (ternary rows with Q4_K embeddings, the shipped
-reference-ternary's choice) x {as converted; QAT (LM + distillation from the f16 model); spam
-fine-tuned; spam fine-tuned with QAT (starting from the QAT model)}. tq1_0 files are converted
-from the tq2_0 checkpoints: the same ternary values, so the same figures.
+reference-ternary's choice) x {as converted; QAT on the books (LM; --distill-weight adds KL
+distillation from the f16 model) and, for f16, the same fine-tune without quantization (the
+control: the reference is a mid-training checkpoint, so more tokens help any model); spam
+fine-tuned, with QAT for the compressed types, from the f16 reference with `finetune`'s default
+settings}. tq1_0 files are converted from the tq2_0 checkpoints: the same ternary values, so the
+same figures (its spam row is left out).
 Columns: held-out PPL (pg35, excluded from every fine-tune; llama.cpp), spam by the model
 answering on the deduplicated stratified test split and on the balanced split's test part (each
 spam fine-tune trained on that split's training part only), HellaSwag (seeded subset), file MB,
 tg t/s and peak RSS (`gpt2cube bench`), fine-tuning tokens and minutes.
-The sweep (tq2_0, LM + distillation): learning rate x QAT warm-up at --sweep-tokens each; its
-plot is the validation PPL during training (torch on exactly the quantized weights, validation
-books pg1661/pg768/pg1952) against tokens, with each run's llama.cpp PPL on pg35 at the end.
+The sweep (tq2_0, LM): learning rate x QAT warm-up at --sweep-tokens each; its plot is the
+validation PPL during training (torch on exactly the quantized weights, validation books
+pg1661/pg768/pg1952) against tokens, with each run's llama.cpp PPL on pg35 at the end.
 Fine-tuned checkpoints are cached in WORKDIR (a finished run with the same settings is reused).
 Writes WORKDIR/recovery.json, recovery.md, recovery.png, sweep.png; prints JSON and the table.
 """
@@ -83,13 +87,16 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpt2cube-recovery"))
     ap.add_argument("--reference", type=Path, default=ROOT / "models" / "reference")
     ap.add_argument("--lm-tokens", type=int, default=2_000_000)
+    ap.add_argument("--q4k-tokens", type=int, default=500_000)
+    ap.add_argument("--distill-weight", type=float, default=0.0,
+                    help="LM QAT with KL distillation from the reference (0: cross-entropy only)")
     ap.add_argument("--spam-tokens", type=int, default=300_000)
     ap.add_argument("--max-windows", type=int, default=40)
-    ap.add_argument("--hellaswag-limit", type=int, default=400)
+    ap.add_argument("--hellaswag-limit", type=int, default=200)
     ap.add_argument("--spam-limit", type=int, default=None)
-    ap.add_argument("--sweep-tokens", type=int, default=400_000)
-    ap.add_argument("--sweep-lr", type=float, nargs="+", default=[2.5e-4, 5e-4, 1e-3])
-    ap.add_argument("--sweep-warmup", type=int, nargs="+", default=[0, 50])
+    ap.add_argument("--sweep-tokens", type=int, default=122_880)
+    ap.add_argument("--sweep", type=lambda v: (float(v.split(":")[0]), int(v.split(":")[1])), nargs="+",
+                    default=[(5e-4, 0), (5e-4, 20), (1e-3, 0)], help="LR:QAT_WARMUP pairs")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -107,15 +114,21 @@ def main() -> None:
     wd.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     ref = args.reference
-    lm = dict(task="lm", corpus=[str(BOOKS)], holdout=VALIDATION, exclude=[EVAL_BOOK], distill=str(ref))
+    lm = dict(task="lm", corpus=[str(BOOKS)], holdout=VALIDATION, exclude=[EVAL_BOOK])
+    if args.distill_weight > 0:
+        lm.update(distill=str(ref), distill_weight=args.distill_weight)
     embed = {"f16": None, "q4_k": None, "tq2_0": "q4_k"}
 
     # fine-tunes: LM QAT per compressed type, spam per split for f16 and each QAT type
     runs: dict[tuple[str, str, str | None], tuple[Path, dict]] = {}
-    for t in ("q4_k", "tq2_0"):
+    for t, tokens in (("tq2_0", args.lm_tokens), ("q4_k", args.q4k_tokens)):
         out = wd / f"qat-{t}"
         runs[(t, "qat", None)] = (out, run_finetune(out, log, src=str(ref), qat=t, embed_type=embed[t],
-                                                    tokens=args.lm_tokens, **lm))
+                                                    tokens=tokens, **lm))
+    # the control: the reference was a mid-training checkpoint, so more tokens of the same books help
+    # any model; the f16 model fine-tuned on the same tokens without quantization separates the two
+    out = wd / "lm-f16"
+    runs[("f16", "qat", None)] = (out, run_finetune(out, log, src=str(ref), tokens=args.lm_tokens, **lm))
     for split in ("stratified", "balanced"):
         out = wd / f"spam-f16-{split}"
         runs[("f16", "spam", split)] = (out, run_finetune(out, log, src=str(ref), task="spam", data=str(SPAM),
@@ -123,7 +136,7 @@ def main() -> None:
         for t in ("q4_k", "tq2_0"):
             out = wd / f"spam-qat-{t}-{split}"
             runs[(t, "spam+qat", split)] = (out, run_finetune(
-                out, log, src=str(runs[(t, "qat", None)][0]), task="spam", data=str(SPAM), split=split, qat=t,
+                out, log, src=str(ref), task="spam", data=str(SPAM), split=split, qat=t,
                 embed_type=embed[t], tokens=args.spam_tokens))
 
     def gguf_of(ckpt: Path, t: str, name: str) -> Path:
@@ -136,10 +149,13 @@ def main() -> None:
     for t in ("f16", "q4_k", "tq2_0", "tq1_0"):
         base = "tq2_0" if t == "tq1_0" else t
         stages = [("as converted", ref, None)]
-        if t != "f16":
-            stages.append(("QAT (LM + distillation)", runs[(base, "qat", None)][0], runs[(base, "qat", None)][1]))
+        if t == "f16":
+            stages.append(("LM fine-tuned, no QAT (control)", runs[("f16", "qat", None)][0], runs[("f16", "qat", None)][1]))
+        else:
+            stages.append(("QAT (LM" + (" + distillation)" if args.distill_weight > 0 else ")"), runs[(base, "qat", None)][0], runs[(base, "qat", None)][1]))
         key = ("f16", "spam") if t == "f16" else (base, "spam+qat")
-        stages.append(("spam fine-tuned" + (" with QAT" if t != "f16" else ""), key, None))
+        if t != "tq1_0":  # tq1_0 would score tq2_0's spam checkpoints: the LM rows show the two types agree
+            stages.append(("spam fine-tuned" + (" with QAT" if t != "f16" else ""), key, None))
         for stage, ckpt, summary in stages:
             t0 = time.perf_counter()
             if isinstance(ckpt, tuple):  # one model per spam split, each scored on its own split only
@@ -148,14 +164,10 @@ def main() -> None:
                 row = measure(gguf_of(strat, t, f"{t}-spam-stratified"), args, "stratified")
                 row.update({k: v for k, v in measure(gguf_of(bal, t, f"{t}-spam-balanced"), args, "balanced").items()
                             if k.startswith("spam_")})
-                ft_tokens = s_sum["tokens"] + b_sum["tokens"]
-                ft_min = (s_sum["seconds"] + b_sum["seconds"]) / 60
-                if t != "f16":  # plus the LM QAT it started from
-                    q = runs[(base, "qat", None)][1]
-                    ft_tokens += q["tokens"]
-                    ft_min += q["seconds"] / 60
+                ft_tokens = s_sum["tokens"]  # per split (each split has its own run)
+                ft_min = s_sum["seconds"] / 60
             else:
-                row = measure(gguf_of(ckpt, t, f"{t}-{'qat' if summary else 'plain'}"), args, None)
+                row = measure(gguf_of(ckpt, t, f"{t}-{'lm' if summary else 'plain'}"), args, None)
                 ft_tokens = summary["tokens"] if summary else 0
                 ft_min = summary["seconds"] / 60 if summary else 0
             row = {"type": t, "stage": stage, **row, "ft_tokens": ft_tokens, "ft_minutes": round(ft_min, 1),
@@ -169,7 +181,8 @@ def main() -> None:
                        "spam": "deduplicated; stratified test split and balanced test split; model answering "
                        "(label likelihood, threshold fitted on 300 training messages)",
                        "hellaswag": f"validation split, seeded subset of {args.hellaswag_limit}", "threads": args.threads,
-                       "lm_tokens": args.lm_tokens, "spam_tokens": args.spam_tokens},
+                       "lm_tokens": args.lm_tokens, "q4k_tokens": args.q4k_tokens, "spam_tokens": args.spam_tokens,
+                       "distill_weight": args.distill_weight},
               "rows": rows, "sweep": sweep}
     (wd / "recovery.json").write_text(json.dumps(report, indent=2))
     md = table(rows)
@@ -184,11 +197,11 @@ def run_sweep(args, wd: Path, ref: Path, lm: dict, gguf_of, log) -> list[dict]:
     from gpt2cube.eval.perplexity import llama_perplexity, read_text
 
     out = []
-    for lr in args.sweep_lr:
-        for warm in args.sweep_warmup:
+    for lr, warm in args.sweep:
+        if True:
             d = wd / f"sweep-lr{lr:g}-w{warm}"
             s = run_finetune(d, log, src=str(ref), qat="tq2_0", embed_type="q4_k", tokens=args.sweep_tokens, lr=lr,
-                             qat_warmup=warm, **lm)
+                             qat_warmup=warm, eval_every=10, **lm)
             curve = [(r["tokens"], r["val_ppl"]) for r in map(json.loads, (d / "train_log.jsonl").read_text().splitlines())
                      if "val_ppl" in r]
             ppl = llama_perplexity(gguf_of(d, "tq2_0", d.name), read_text(BOOKS / EVAL_BOOK), 512,
@@ -218,7 +231,7 @@ def plot_rows(rows: list[dict], png: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"{r['type']}\n{r['stage'].replace(' (LM + distillation)', '').replace('spam fine-tuned', 'spam')}"
+    labels = [f"{r['type']}\n{r['stage'].split(' (')[0].replace('spam fine-tuned', 'spam')}"
               for r in rows]
     a.bar(range(len(rows)), [r["ppl_pg35"] for r in rows], color="tab:blue")
     a.set_xticks(range(len(rows)), labels, fontsize=6, rotation=90)

@@ -479,7 +479,7 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
 @click.option("--tokens", type=int, default=None, help="Fine-tuning tokens [default: lm 2,000,000; spam 300,000].")
 @click.option("--batch-size", type=int, default=None, help="[default: lm 8 windows; spam 16 messages].")
 @click.option("--ctx", type=int, default=None, help="lm window [default: min(512, the model's positions)].")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: lm 5e-4; spam 2e-4].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 5e-4].")
 @click.option("--warmup-steps", type=int, default=None, help="Learning-rate warm-up steps [default: 20].")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
 @click.option("--dropout", type=float, default=0.0, show_default=True,

@@ -27,12 +27,14 @@ from .gguf_file import read_header
 from .hypercube.build import HypercubeOptions
 from .hypercube.topology import Hypercube
 from .kernels import QUANT_TYPES
-from .models import hf_logits, load_hf_model
+from .models import hf_logits, load_hf_model, model_from_gguf
 from .synth import make_random_gpt2
 from .tokenizers import encode_text, hf_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT / "models" / "reference"
+# the QAT-recovered reference (models/reference-ternary/RECOVERY.md): ternary linear layers, Q4_K embeddings
+RECOVERED = ROOT / "models" / "reference-ternary" / "reference-tq2_0.gguf"
 HELD_OUT_BOOK = ROOT.parent / "shared" / "data" / "gutenberg" / "books" / "pg35.txt"
 TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
@@ -63,22 +65,31 @@ def run_demo(workdir: Path | None, log: Callable[[str], None], model: Path | Non
             t0 = time.perf_counter()
             convert(src, out, name, force=True, progress=False, log=log)
             seconds = time.perf_counter() - t0
-            got = llama_logits(out, tokens)
-            nbytes, nelems = read_header(out).tensor_bytes_and_elements()
-            row = {"type": name, "file_mb": round(out.stat().st_size / 1e6, 2),
-                   "bits_per_weight": round(8 * nbytes / nelems, 3),
-                   "convert_s": round(seconds, 2)}
-            if book is not None:
-                r = llama_perplexity(out, book, 512, max_windows=max_windows)
-                row["held_out_ppl"] = round(r.ppl, 2)
-                row["ppl_stderr"] = round(r.ppl_stderr, 2)
-            b = bench(out, n_prompt=256, n_gen=64, repeats=bench_repeats)
-            row["pp256_t_s"], row["tg64_t_s"] = round(b["pp_tok_s"]), round(b["tg_tok_s"])
-            row["max_err_over_std"] = round(float(np.abs(got - ref).max() / ref.std()), 4)
-            row["top1_agreement"] = round(float((got.argmax(1) == ref.argmax(1)).mean()), 3)
-            rows.append(row)
+            rows.append(_file_row(name, out, tokens, ref, book, max_windows, bench_repeats, convert_s=round(seconds, 2)))
             log(f"{name}: done")
+        if model == REFERENCE and RECOVERED.is_file() and not types:
+            # the shipped recovered file: its logits against transformers on its own (dequantized) weights
+            rec_ref = hf_logits(model_from_gguf(RECOVERED), tokens)
+            rows.append(_file_row("tq2_0 QAT (shipped)", RECOVERED, tokens, rec_ref, book, max_windows, bench_repeats))
+            log("recovered ternary: done")
         return rows
+
+
+def _file_row(name: str, out: Path, tokens: list[int], ref: np.ndarray, book: str | None, max_windows: int,
+              bench_repeats: int, **extra) -> dict:
+    got = llama_logits(out, tokens)
+    nbytes, nelems = read_header(out).tensor_bytes_and_elements()
+    row = {"type": name, "file_mb": round(out.stat().st_size / 1e6, 2),
+           "bits_per_weight": round(8 * nbytes / nelems, 3), **extra}
+    if book is not None:
+        r = llama_perplexity(out, book, 512, max_windows=max_windows)
+        row["held_out_ppl"] = round(r.ppl, 2)
+        row["ppl_stderr"] = round(r.ppl_stderr, 2)
+    b = bench(out, n_prompt=256, n_gen=64, repeats=bench_repeats)
+    row["pp256_t_s"], row["tg64_t_s"] = round(b["pp_tok_s"]), round(b["tg_tok_s"])
+    row["max_err_over_std"] = round(float(np.abs(got - ref).max() / ref.std()), 4)
+    row["top1_agreement"] = round(float((got.argmax(1) == ref.argmax(1)).mean()), 3)
+    return row
 
 
 def _held_out(max_windows: int) -> str:

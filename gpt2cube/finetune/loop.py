@@ -40,7 +40,7 @@ TASKS = {"lm": "language modelling on --corpus (files named by --holdout validat
 # Recommended settings per task (what a run with only the required options uses).
 TASK_DEFAULTS = {
     "lm": dict(tokens=2_000_000, batch_size=8, lr=5e-4, warmup_steps=20, eval_every=50),
-    "spam": dict(tokens=300_000, batch_size=16, lr=2e-4, warmup_steps=20, eval_every=50),
+    "spam": dict(tokens=300_000, batch_size=16, lr=5e-4, warmup_steps=20, eval_every=50),
 }
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # settings that may change on --resume without changing what is trained
@@ -253,7 +253,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
 
     bar = tqdm(total=steps, initial=step, unit="step", file=sys.stderr, disable=not progress)
     t0 = time.perf_counter()
-    end = min(steps, cfg.stop_at or steps)
+    end = min(steps, steps if cfg.stop_at is None else cfg.stop_at)
     while step < end:
         b = task.batch(rng)
         for g in opt.param_groups:
