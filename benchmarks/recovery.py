@@ -59,21 +59,24 @@ def run_finetune(out: Path, log, **kw) -> dict:
     return summary
 
 
-def measure(gguf: Path, args, spam_split: str | None, stratified_model: Path | None = None) -> dict:
+def measure(gguf: Path, args, spam_split: str | None, spam_only: bool = False) -> dict:
     """llama.cpp figures of one file. `spam_split`: which split(s) this file may be scored on."""
     from gpt2cube.eval.bench import bench
     from gpt2cube.eval.hellaswag import evaluate_hellaswag
     from gpt2cube.eval.perplexity import llama_perplexity, read_text
     from gpt2cube.eval.spam import evaluate_spam
 
-    row: dict = {"file_mb": round(gguf.stat().st_size / 1e6, 2)}
-    r = llama_perplexity(gguf, read_text(BOOKS / EVAL_BOOK), 512, max_windows=args.max_windows, n_threads=args.threads)
-    row["ppl_pg35"] = round(r.ppl, 2)
+    row: dict = {}
     for split in (["stratified", "balanced"] if spam_split is None else [spam_split]):
         s = evaluate_spam(gguf, SPAM, split=split, limit=args.spam_limit, n_threads=args.threads, probe=False)
         m = s["label_likelihood"]
         row[f"spam_{split}"] = {k: round(m[k], 4) for k in ("accuracy", "precision", "recall", "f1")}
         row[f"spam_{split}"]["test_messages"] = s["test"]
+    if spam_only:
+        return row
+    row["file_mb"] = round(gguf.stat().st_size / 1e6, 2)
+    r = llama_perplexity(gguf, read_text(BOOKS / EVAL_BOOK), 512, max_windows=args.max_windows, n_threads=args.threads)
+    row["ppl_pg35"] = round(r.ppl, 2)
     if args.hellaswag_limit:
         h = evaluate_hellaswag(gguf, HELLASWAG, limit=args.hellaswag_limit, seed=0, n_threads=args.threads)
         row["hellaswag"] = round(h["accuracy"], 4)
@@ -119,25 +122,24 @@ def main() -> None:
         lm.update(distill=str(ref), distill_weight=args.distill_weight)
     embed = {"f16": None, "q4_k": None, "tq2_0": "q4_k"}
 
-    # fine-tunes: LM QAT per compressed type, spam per split for f16 and each QAT type
-    runs: dict[tuple[str, str, str | None], tuple[Path, dict]] = {}
-    for t, tokens in (("tq2_0", args.lm_tokens), ("q4_k", args.q4k_tokens)):
-        out = wd / f"qat-{t}"
-        runs[(t, "qat", None)] = (out, run_finetune(out, log, src=str(ref), qat=t, embed_type=embed[t],
-                                                    tokens=tokens, **lm))
-    # the control: the reference was a mid-training checkpoint, so more tokens of the same books help
-    # any model; the f16 model fine-tuned on the same tokens without quantization separates the two
-    out = wd / "lm-f16"
-    runs[("f16", "qat", None)] = (out, run_finetune(out, log, src=str(ref), tokens=args.lm_tokens, **lm))
-    for split in ("stratified", "balanced"):
-        out = wd / f"spam-f16-{split}"
-        runs[("f16", "spam", split)] = (out, run_finetune(out, log, src=str(ref), task="spam", data=str(SPAM),
-                                                          split=split, tokens=args.spam_tokens))
-        for t in ("q4_k", "tq2_0"):
-            out = wd / f"spam-qat-{t}-{split}"
-            runs[(t, "spam+qat", split)] = (out, run_finetune(
-                out, log, src=str(ref), task="spam", data=str(SPAM), split=split, qat=t,
-                embed_type=embed[t], tokens=args.spam_tokens))
+    # fine-tunes, run when a row first needs them (cached in WORKDIR)
+    def spec(key: tuple[str, str, str | None]) -> tuple[Path, dict]:
+        t, kind, split = key
+        if kind == "lm":  # QAT on the books; for f16 the control without quantization
+            tokens = {"f16": args.lm_tokens, "tq2_0": args.lm_tokens, "q4_k": args.q4k_tokens}[t]
+            qat = {} if t == "f16" else dict(qat=t, embed_type=embed[t])
+            return wd / ("lm-f16" if t == "f16" else f"qat-{t}"), dict(src=str(ref), tokens=tokens, **qat, **lm)
+        qat = {} if t == "f16" else dict(qat=t, embed_type=embed[t])
+        name = f"spam-f16-{split}" if t == "f16" else f"spam-qat-{t}-{split}"
+        return wd / name, dict(src=str(ref), task="spam", data=str(SPAM), split=split, tokens=args.spam_tokens, **qat)
+
+    done: dict = {}
+
+    def run(key) -> tuple[Path, dict]:
+        if key not in done:
+            out, kw = spec(key)
+            done[key] = (out, run_finetune(out, log, **kw))
+        return done[key]
 
     def gguf_of(ckpt: Path, t: str, name: str) -> Path:
         f = wd / f"{name}.gguf"
@@ -145,35 +147,32 @@ def main() -> None:
         convert(ckpt, f, Recipe(linear=t, embed=e), force=True, progress=False, log=lambda m: None)
         return f
 
+    lm_stage = "QAT (LM" + (" + distillation)" if args.distill_weight > 0 else ")")
+    plan = [  # (type, stage, what) in the order of importance, so a cut-short run has the headline rows
+        ("tq2_0", "as converted", None), ("tq2_0", lm_stage, ("tq2_0", "lm")), ("f16", "as converted", None),
+        ("f16", "LM fine-tuned, no QAT (control)", ("f16", "lm")), ("tq2_0", "spam fine-tuned with QAT", ("tq2_0", "spam")),
+        ("f16", "spam fine-tuned", ("f16", "spam")), ("tq1_0", "as converted", None), ("tq1_0", lm_stage, ("tq2_0", "lm")),
+        ("q4_k", "as converted", None), ("q4_k", lm_stage, ("q4_k", "lm")), ("q4_k", "spam fine-tuned with QAT", ("q4_k", "spam")),
+    ]
     rows = []
-    for t in ("f16", "q4_k", "tq2_0", "tq1_0"):
-        base = "tq2_0" if t == "tq1_0" else t
-        stages = [("as converted", ref, None)]
-        if t == "f16":
-            stages.append(("LM fine-tuned, no QAT (control)", runs[("f16", "qat", None)][0], runs[("f16", "qat", None)][1]))
-        else:
-            stages.append(("QAT (LM" + (" + distillation)" if args.distill_weight > 0 else ")"), runs[(base, "qat", None)][0], runs[(base, "qat", None)][1]))
-        key = ("f16", "spam") if t == "f16" else (base, "spam+qat")
-        if t != "tq1_0":  # tq1_0 would score tq2_0's spam checkpoints: the LM rows show the two types agree
-            stages.append(("spam fine-tuned" + (" with QAT" if t != "f16" else ""), key, None))
-        for stage, ckpt, summary in stages:
-            t0 = time.perf_counter()
-            if isinstance(ckpt, tuple):  # one model per spam split, each scored on its own split only
-                strat, s_sum = runs[(*key, "stratified")]
-                bal, b_sum = runs[(*key, "balanced")]
-                row = measure(gguf_of(strat, t, f"{t}-spam-stratified"), args, "stratified")
-                row.update({k: v for k, v in measure(gguf_of(bal, t, f"{t}-spam-balanced"), args, "balanced").items()
-                            if k.startswith("spam_")})
-                ft_tokens = s_sum["tokens"]  # per split (each split has its own run)
-                ft_min = s_sum["seconds"] / 60
-            else:
-                row = measure(gguf_of(ckpt, t, f"{t}-{'lm' if summary else 'plain'}"), args, None)
-                ft_tokens = summary["tokens"] if summary else 0
-                ft_min = summary["seconds"] / 60 if summary else 0
-            row = {"type": t, "stage": stage, **row, "ft_tokens": ft_tokens, "ft_minutes": round(ft_min, 1),
-                   "eval_seconds": round(time.perf_counter() - t0)}
-            rows.append(row)
-            log(json.dumps(row))
+    for t, stage, what in plan:
+        t0 = time.perf_counter()
+        if what is None:
+            row, summary = measure(gguf_of(ref, t, f"{t}-plain"), args, None), None
+        elif what[1] == "lm":
+            ckpt, summary = run((*what, None))
+            row = measure(gguf_of(ckpt, t, f"{t}-lm"), args, None)
+        else:  # one model per spam split, each scored on its own split only
+            strat, summary = run((*what, "stratified"))
+            bal, _ = run((*what, "balanced"))
+            row = measure(gguf_of(strat, t, f"{t}-spam-stratified"), args, "stratified")
+            row.update(measure(gguf_of(bal, t, f"{t}-spam-balanced"), args, "balanced", spam_only=True))
+        row = {"type": t, "stage": stage, **row, "ft_tokens": summary["tokens"] if summary else 0,
+               "ft_minutes": round(summary["seconds"] / 60, 1) if summary else 0,
+               "eval_seconds": round(time.perf_counter() - t0)}
+        rows.append(row)
+        log(json.dumps(row))
+        (wd / "recovery.partial.json").write_text(json.dumps(rows, indent=2))
 
     sweep = [] if args.no_sweep else run_sweep(args, wd, ref, lm, gguf_of, log)
     report = {"meta": {"reference": str(ref), "eval_text": f"{EVAL_BOOK} (held out of the reference and of every "
@@ -198,17 +197,16 @@ def run_sweep(args, wd: Path, ref: Path, lm: dict, gguf_of, log) -> list[dict]:
 
     out = []
     for lr, warm in args.sweep:
-        if True:
-            d = wd / f"sweep-lr{lr:g}-w{warm}"
-            s = run_finetune(d, log, src=str(ref), qat="tq2_0", embed_type="q4_k", tokens=args.sweep_tokens, lr=lr,
-                             qat_warmup=warm, eval_every=10, **lm)
-            curve = [(r["tokens"], r["val_ppl"]) for r in map(json.loads, (d / "train_log.jsonl").read_text().splitlines())
-                     if "val_ppl" in r]
-            ppl = llama_perplexity(gguf_of(d, "tq2_0", d.name), read_text(BOOKS / EVAL_BOOK), 512,
-                                   max_windows=args.max_windows, n_threads=args.threads).ppl
-            out.append({"lr": lr, "qat_warmup": warm, "tokens": s["tokens"], "minutes": round(s["seconds"] / 60, 1),
-                        "val_curve": curve, "ppl_pg35": round(ppl, 2)})
-            log(json.dumps({k: v for k, v in out[-1].items() if k != "val_curve"}))
+        d = wd / f"sweep-lr{lr:g}-w{warm}"
+        s = run_finetune(d, log, src=str(ref), qat="tq2_0", embed_type="q4_k", tokens=args.sweep_tokens, lr=lr,
+                         qat_warmup=warm, eval_every=10, **lm)
+        curve = [(r["tokens"], r["val_ppl"]) for r in map(json.loads, (d / "train_log.jsonl").read_text().splitlines())
+                 if "val_ppl" in r]
+        ppl = llama_perplexity(gguf_of(d, "tq2_0", d.name), read_text(BOOKS / EVAL_BOOK), 512,
+                               max_windows=args.max_windows, n_threads=args.threads).ppl
+        out.append({"lr": lr, "qat_warmup": warm, "tokens": s["tokens"], "minutes": round(s["seconds"] / 60, 1),
+                    "val_curve": curve, "ppl_pg35": round(ppl, 2)})
+        log(json.dumps({k: v for k, v in out[-1].items() if k != "val_curve"}))
     plot_sweep(out, wd / "sweep.png")
     return out
 
