@@ -52,6 +52,24 @@ def checkpoints(tmp_path_factory) -> dict[str, tuple[Path, object]]:
     return Lazy()
 
 
+# A small training corpus: two files, the second held out by name in the training tests.
+CORPUS_TEXT = " ".join(
+    f"The {a} {b} walked to the {c} and saw {n} {b}s by the river." for n in range(40)
+    for a, b, c in [("old", "dog", "market"), ("young", "cat", "garden"), ("tall", "man", "church")]
+)
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch) -> Path:
+    """a.txt and b.txt (a third of a.txt's text), with the token cache in tmp_path."""
+    monkeypatch.setenv("GPT2CUBE_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.txt").write_text(CORPUS_TEXT)
+    (d / "b.txt").write_text(CORPUS_TEXT[: len(CORPUS_TEXT) // 3])
+    return d
+
+
 @pytest.fixture(scope="session")
 def prompt_tokens() -> list[int]:
     return hf_tokenizer().encode(PROMPT)

@@ -32,26 +32,12 @@ from gpt2cube.synth import make_random_gpt2
 from gpt2cube.tokenizers import GGUFTokenizer
 
 ACT_TOL = 0.25
-TEXT = " ".join(
-    f"The {a} {b} walked to the {c} and saw {n} {b}s by the river." for n in range(40)
-    for a, b, c in [("old", "dog", "market"), ("young", "cat", "garden"), ("tall", "man", "church")]
-)
 
 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory) -> Path:
     return make_random_gpt2(tmp_path_factory.mktemp("ft") / "student", n_layer=2, n_embd=256, n_head=4,
                             n_positions=64, init_std=0.05, seed=11)[0]
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("GPT2CUBE_CACHE", str(tmp_path / "cache"))
-    d = tmp_path / "corpus"
-    d.mkdir()
-    (d / "a.txt").write_text(TEXT)
-    (d / "b.txt").write_text(TEXT[: len(TEXT) // 3])
-    return d
 
 
 def _cfg(student: Path, out: Path, corpus: Path, **kw) -> FinetuneConfig:

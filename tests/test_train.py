@@ -16,21 +16,6 @@ from gpt2cube.eval.llama_runner import llama_logits
 from gpt2cube.models import hf_logits
 from gpt2cube.train.trainer import TrainConfig, train
 
-TEXT = " ".join(
-    f"The {a} {b} walked to the {c} and saw {n} {b}s by the river." for n in range(40)
-    for a, b, c in [("old", "dog", "market"), ("young", "cat", "garden"), ("tall", "man", "church")]
-)
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch) -> Path:
-    monkeypatch.setenv("GPT2CUBE_CACHE", str(tmp_path / "cache"))
-    d = tmp_path / "corpus"
-    d.mkdir()
-    (d / "a.txt").write_text(TEXT)
-    (d / "b.txt").write_text(TEXT[: len(TEXT) // 3])
-    return d
-
 
 def _cfg(corpus: Path, out: Path, **kw) -> TrainConfig:
     base = dict(corpus=[str(corpus)], out=str(out), n_layer=2, n_embd=64, n_head=2, ctx=32, tokens=32 * 4 * 12,
