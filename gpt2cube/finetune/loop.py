@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -233,7 +234,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
 
     def validate() -> dict:
         model.eval()
-        with torch.no_grad(), (qw.active(1.0) if qw else _null()):
+        with torch.no_grad(), (qw.active(1.0) if qw else nullcontext()):
             v = task.validate(head.nll, head.scored_logits)
         model.train()
         return v
@@ -247,7 +248,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
         log_path.unlink(missing_ok=True)
         first = validate()  # the starting point: the model as converted (QAT) or as given
         best = {"step": 0, "tokens": 0, **first}
-        _export(model, cfg, src, out, best, qw, tokenizer_src=src)
+        _export(model, cfg, src, out, best, qw)
         _append(log_path, {"step": 0, "tokens": 0, **{k: v for k, v in first.items() if k != "select"}})
     from tqdm import tqdm
 
@@ -260,7 +261,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
             g["lr"] = cosine_lr(step, cfg.lr, cfg.warmup_steps, steps)
         lam = lam_at(step) if qw else None
         opt.zero_grad(set_to_none=True)
-        with qw.active(lam) if qw else _null():
+        with qw.active(lam) if qw else nullcontext():
             loss = head.backward(b)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
@@ -276,7 +277,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
             row.update({k: x for k, x in v.items() if k != "select"})
             if v["select"] < best["select"]:
                 best = {"step": step, "tokens": seen, **v}
-                _export(model, cfg, src, out, best, qw, tokenizer_src=src)
+                _export(model, cfg, src, out, best, qw)
             _save_state(model, opt, rng, cfg, step, seen, secs, best, out)
         _append(log_path, row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
@@ -291,14 +292,6 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
     log(f"fine-tuned {step} steps, {seen:,} tokens; best validation at step {best['step']}: "
         + ", ".join(f"{k} {v}" for k, v in best.items() if k.startswith("val_")))
     return summary
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _append(path: Path, row: dict) -> None:
@@ -330,7 +323,7 @@ def _save_state(model, opt, rng, cfg: FinetuneConfig, step: int, seen: int, secs
     os.replace(tmp, out / "train_state.pt")
 
 
-def _export(model, cfg: FinetuneConfig, src: Path, out: Path, best: dict, qw, tokenizer_src: Path) -> None:
+def _export(model, cfg: FinetuneConfig, src: Path, out: Path, best: dict, qw) -> None:
     """The checkpoint as a standard HF directory (fp32 latent weights), swapped in atomically
     file by file from a complete temporary export."""
     export = out / ".export.tmp"
@@ -338,8 +331,8 @@ def _export(model, cfg: FinetuneConfig, src: Path, out: Path, best: dict, qw, to
     model.save_pretrained(export, safe_serialization=True)
     copied = False
     for name in TOKENIZER_FILES:
-        if (tokenizer_src / name).is_file():
-            shutil.copyfile(tokenizer_src / name, export / name)
+        if (src / name).is_file():
+            shutil.copyfile(src / name, export / name)
             copied = True
     if not copied:
         enc, bpe = bundled_gpt2_files()
