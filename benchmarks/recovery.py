@@ -15,7 +15,8 @@ settings}. tq1_0 files are converted from the tq2_0 checkpoints: the same ternar
 same figures (its spam row is left out).
 Columns: held-out PPL (pg35, excluded from every fine-tune; llama.cpp), spam by the model
 answering on the deduplicated stratified test split and on the balanced split's test part (each
-spam fine-tune trained on that split's training part only), HellaSwag (seeded subset), file MB,
+spam fine-tune trained on that split's training part only): calibrated (threshold fitted on 300
+training messages, as `eval spam` does for any model) and the answer itself (threshold 0), HellaSwag (seeded subset), file MB,
 tg t/s and peak RSS (`gpt2cube bench`), fine-tuning tokens and minutes.
 The sweep (tq2_0, LM): learning rate x QAT warm-up at --sweep-tokens each; its plot is the
 validation PPL during training (torch on exactly the quantized weights, validation books
@@ -45,13 +46,13 @@ def run_finetune(out: Path, log, **kw) -> dict:
     """A fine-tune, or the cached result of the same one."""
     from dataclasses import asdict
 
-    from gpt2cube.finetune.loop import FinetuneConfig, finetune
+    from gpt2cube.finetune.loop import FinetuneConfig, finetune, recorded_config
 
     cfg = FinetuneConfig(out=str(out), **kw).resolved()
     done = out / "finetune.json"
     if done.is_file() and (out / "summary.json").is_file():
         rec = json.loads(done.read_text())
-        if rec["config"] == json.loads(json.dumps(asdict(cfg))):
+        if recorded_config(rec["config"]) == json.loads(json.dumps(asdict(cfg))):
             return json.loads((out / "summary.json").read_text())
     log(f"fine-tuning {out.name} ...")
     summary = finetune(cfg, force=True, progress=False, log=log)
@@ -72,6 +73,7 @@ def measure(gguf: Path, args, spam_split: str | None, spam_only: bool = False) -
         m = s["label_likelihood"]
         row[f"spam_{split}"] = {k: round(m[k], 4) for k in ("accuracy", "precision", "recall", "f1")}
         row[f"spam_{split}"]["test_messages"] = s["test"]
+        row[f"spam_{split}"]["answer"] = {k: round(m["answer"][k], 4) for k in ("accuracy", "precision", "recall", "f1")}
     if spam_only:
         return row
     row["file_mb"] = round(gguf.stat().st_size / 1e6, 2)
@@ -151,8 +153,8 @@ def main() -> None:
     plan = [  # (type, stage, what) in the order of importance, so a cut-short run has the headline rows
         ("tq2_0", "as converted", None), ("tq2_0", lm_stage, ("tq2_0", "lm")), ("f16", "as converted", None),
         ("f16", "LM fine-tuned, no QAT (control)", ("f16", "lm")), ("tq2_0", "spam fine-tuned with QAT", ("tq2_0", "spam")),
-        ("f16", "spam fine-tuned", ("f16", "spam")), ("tq1_0", "as converted", None), ("tq1_0", lm_stage, ("tq2_0", "lm")),
-        ("q4_k", "as converted", None), ("q4_k", lm_stage, ("q4_k", "lm")), ("q4_k", "spam fine-tuned with QAT", ("q4_k", "spam")),
+        ("f16", "spam fine-tuned", ("f16", "spam")), ("q4_k", "as converted", None), ("q4_k", lm_stage, ("q4_k", "lm")),
+        ("tq1_0", "as converted", None), ("tq1_0", lm_stage, ("tq2_0", "lm")), ("q4_k", "spam fine-tuned with QAT", ("q4_k", "spam")),
     ]
     rows = []
     for t, stage, what in plan:
@@ -212,12 +214,15 @@ def run_sweep(args, wd: Path, ref: Path, lm: dict, gguf_of, log) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["type", "stage", "ppl_pg35", "spam F1 strat", "spam acc strat", "spam F1 bal", "spam acc bal", "hellaswag",
+    cols = ["type", "stage", "ppl_pg35", "spam F1 strat", "F1 strat (answer)", "spam acc strat", "spam F1 bal",
+            "spam acc bal", "acc bal (answer)", "hellaswag",
             "file_mb", "tg_t_s", "peak_rss_mb", "ft_tokens", "ft_minutes"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = {**r, "spam F1 strat": r["spam_stratified"]["f1"], "spam acc strat": r["spam_stratified"]["accuracy"],
-                 "spam F1 bal": r["spam_balanced"]["f1"], "spam acc bal": r["spam_balanced"]["accuracy"]}
+                 "spam F1 bal": r["spam_balanced"]["f1"], "spam acc bal": r["spam_balanced"]["accuracy"],
+                 "F1 strat (answer)": r["spam_stratified"].get("answer", {}).get("f1", ""),
+                 "acc bal (answer)": r["spam_balanced"].get("answer", {}).get("accuracy", "")}
         lines.append("| " + " | ".join(str(cells.get(c, "")) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 

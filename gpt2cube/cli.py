@@ -204,6 +204,11 @@ def spam(model: Path, data: Path, split_name: str, test_fraction: float, seed: i
         click.echo(f"{name:>16}: accuracy {m['accuracy']:.4f}  precision {m['precision']:.4f}  recall "
                    f"{m['recall']:.4f}  F1 {m['f1']:.4f}  [tp {c['tp']} fp {c['fp']} fn {c['fn']} tn {c['tn']}] "
                    f"{m['seconds']:.1f} s")
+        if "answer" in m:
+            a, c = m["answer"], m["answer"]["confusion"]
+            click.echo(f"{'model answering':>16}: accuracy {a['accuracy']:.4f}  precision {a['precision']:.4f}  recall "
+                       f"{a['recall']:.4f}  F1 {a['f1']:.4f}  [tp {c['tp']} fp {c['fp']} fn {c['fn']} tn {c['tn']}] "
+                       "(threshold 0: ' spam' more likely than ' ham')")
 
 
 @eval_group.command()
@@ -471,6 +476,9 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
               help="Steps over which the quantized weights are blended in (lambda 0 -> 1); 0 switches at once.")
 @click.option("--freeze-embeddings/--train-embeddings", default=None,
               help="Keep token/position embeddings fixed [default: frozen under --qat, trained otherwise].")
+@click.option("--lm-weight", type=float, default=None,
+              help="spam: share of next-token loss on the messages' own text, (1 - w) * label CE + w * LM CE "
+                   "[default: 0.5; 0 trains the label alone].")
 @click.option("--distill", type=click.Path(path_type=Path), default=None,
               help="Teacher checkpoint (same vocabulary, at least the context): KL distillation from its logits.")
 @click.option("--distill-weight", type=float, default=0.5, show_default=True,
@@ -497,7 +505,7 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @_fail_cleanly
 def finetune(src, out, task, corpus, holdout, exclude, data, split_name, qat, embed_type, recipe_file, ternary_scale, strict,
-             qat_warmup, freeze_embeddings, distill, distill_weight, temperature, tokens, batch_size, ctx, lr,
+             qat_warmup, freeze_embeddings, lm_weight, distill, distill_weight, temperature, tokens, batch_size, ctx, lr,
              warmup_steps, weight_decay, dropout, eval_every, seed, device, threads, precision, stop_at, resume, force, quiet,
              as_json) -> None:
     """Fine-tune the GPT-2 checkpoint SRC: recover a compressed model's quality (QAT, distillation)
@@ -519,7 +527,7 @@ def finetune(src, out, task, corpus, holdout, exclude, data, split_name, qat, em
     cfg = FinetuneConfig(src=str(src), out=str(out), task=task, corpus=[str(c) for c in corpus],
                          holdout=[str(h) for h in holdout], exclude=[str(e) for e in exclude], data=str(data) if data else None, split=split_name,
                          qat=qat, embed_type=embed_type, recipe=patterns, ternary_scale=ternary_scale, strict=strict,
-                         qat_warmup=qat_warmup, freeze_embeddings=freeze_embeddings,
+                         qat_warmup=qat_warmup, freeze_embeddings=freeze_embeddings, lm_weight=lm_weight,
                          distill=str(distill) if distill else None, distill_weight=distill_weight,
                          temperature=temperature, tokens=tokens, batch_size=batch_size, ctx=ctx, lr=lr,
                          warmup_steps=warmup_steps, weight_decay=weight_decay, dropout=dropout, eval_every=eval_every, seed=seed,

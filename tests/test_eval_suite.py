@@ -18,6 +18,7 @@ from gpt2cube.eval.hellaswag import ending_scores, read_hellaswag, subset
 from gpt2cube.eval.spam import (
     Message,
     balanced_split,
+    best_threshold,
     deduplicate,
     logistic_regression,
     metrics,
@@ -81,6 +82,16 @@ def test_metrics_on_hand_made_confusion_matrix():
     assert m["accuracy"] == 0.7 and m["precision"] == 0.75 and m["recall"] == 0.6
     assert m["f1"] == pytest.approx(2 * 0.75 * 0.6 / 1.35)
     assert metrics([0, 0], [0, 0])["f1"] == 0.0  # no positives: defined as 0, no division error
+
+
+def test_threshold_is_the_middle_of_the_widest_best_gap():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    # separable: every threshold in [-2, 1) gives F1 1; the middle is -0.5, not -2 (a ham's score)
+    assert best_threshold(np.array([-5.0, -3.0, -2.0, 1.0, 2.0, 4.0]), y) == -0.5
+    # not separable: F1 peaks (6/7) for t in [-3, 0), the ham at 0.5 above it; the middle is -1.5
+    scores = np.array([-4.0, -3.0, 0.5, 0.0, 3.0, 5.0])
+    assert best_threshold(scores, y) == -1.5
+    assert metrics(y, scores > -1.5)["f1"] == max(metrics(y, scores > t)["f1"] for t in scores)
 
 
 def test_split_is_stratified_and_reproducible():
@@ -158,6 +169,8 @@ def test_spam_both_methods_end_to_end(small_gguf, sms_file):
         c = m["confusion"]
         assert c["tp"] + c["fn"] == 2 and c["fp"] + c["tn"] == 6
         assert m["accuracy"] == (c["tp"] + c["tn"]) / 8
+    a = r["label_likelihood"]["answer"]  # the model's own answer, threshold 0
+    assert a["confusion"]["tp"] + a["confusion"]["fn"] == 2 and 0 <= a["f1"] <= 1
     # spam and ham are lexically far apart: even a random model's mean-pooled features separate
     # messages it never saw in training (no copies across the split after deduplication)
     assert r["linear_probe"]["accuracy"] >= 0.75

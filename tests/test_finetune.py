@@ -249,6 +249,40 @@ def test_spam_task_trains_on_the_eval_prompt(student, tmp_path):
         assert b.targets[r].item() == task.label_ids[msgs[i].label]
 
 
+def test_spam_lm_term_is_the_weighted_loss_over_message_tokens(student, tmp_path):
+    """(1 - a) * the label's CE + a * the mean next-token CE over the messages' own tokens,
+    checked against transformers' logits over the whole padded batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from gpt2cube.finetune.loop import _tokenizer_for
+    from gpt2cube.finetune.losses import HeadLoss
+    from gpt2cube.finetune.tasks import SpamTask
+
+    tok = _tokenizer_for(student)
+    task = SpamTask(_spam_file(tmp_path / "sms.txt"), tok, "stratified", 4, 128, lm_weight=0.3)
+    idx = task.train_idx[:3]
+    b = task._batch(idx, 0.3)
+    model = load_hf_model(student)
+    model.eval()
+    logits = model(b.ids).logits.float()
+    header = len(tok(prompt_for("", []).split("Message:")[0] + "Message:")["input_ids"])
+    label, lm = [], []
+    for r, i in enumerate(idx):
+        s = task.encoded[i]
+        assert tok.decode(s[header:]).startswith(" " + task.msgs[i].text.split()[0])  # the message starts there
+        label.append(F.cross_entropy(logits[r, len(s) - 1][None], torch.tensor([task.label_ids[task.msgs[i].label]])))
+        lm.append(F.cross_entropy(logits[r, header - 1 : len(s) - 1], torch.tensor(s[header:]), reduction="none"))
+    want = 0.7 * torch.stack(label).mean() + 0.3 * torch.cat(lm).mean()
+    got = HeadLoss(model).backward(b)
+    # float32 sums in another order (chunked head vs one full forward): a few ulps of a loss ~11
+    want = float(want.detach())
+    assert abs(got - want) < 1e-4 * want
+    assert abs(float(b.weights.sum()) - 1) < 1e-6
+    plain = task._batch(idx)  # lm_weight 0: the label alone, as validation scores it
+    assert plain.weights is None and len(plain.targets) == 3
+
+
 def _converted(ckpt: Path, tmp_path: Path) -> Path:
     out = tmp_path / f"{ckpt.name}.gguf"
     if not out.exists():
@@ -275,12 +309,15 @@ def test_spam_finetune_lowers_validation_loss(student, tmp_path):
     (["--task", "spam"], "--task spam needs --data"),
     (["--task", "lm", "--corpus", "{corpus}", "--distill-weight", "1.5"], "--distill-weight 1.5; expected a number in [0, 1]"),
     (["--task", "lm", "--corpus", "{corpus}", "--tokens", "0"], "--tokens 0; expected a positive number"),
+    (["--task", "spam", "--data", "{good}", "--lm-weight", "1"], "--lm-weight 1.0; expected a number in [0, 1)"),
+    (["--task", "lm", "--corpus", "{corpus}", "--lm-weight", "0.5"], "--lm-weight 0.5 applies to --task spam"),
 ])
 def test_bad_input_is_one_line(student, corpus, tmp_path, args, message):
     bad = tmp_path / "sms.txt"
     bad.write_text("ham\tfine\nnot a label line\n")
     out = tmp_path / "out"
-    args = [a.format(bad=bad, corpus=corpus) for a in args]
+    good = _spam_file(tmp_path / "good.txt")
+    args = [a.format(bad=bad, corpus=corpus, good=good) for a in args]
     res = CliRunner().invoke(main, ["finetune", str(student), "--out", str(out), *args, "--quiet"])
     assert res.exit_code == 2, res.output
     assert message in res.output and "Traceback" not in res.output

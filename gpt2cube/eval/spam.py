@@ -13,7 +13,9 @@ Two methods, both reported, spam = positive class:
  (a) prompted label likelihood: after a short prompt (optionally few-shot, examples drawn from
      the train split) the model's log-probabilities of the next tokens " spam" and " ham"
      (single GPT-2 tokens); the decision threshold on their difference is fitted on train
-     messages (maximum F1), because raw label likelihoods of small models are biased;
+     messages (maximum F1), because raw label likelihoods of small models are biased; the
+     model's own answer (threshold 0: " spam" more likely than " ham", what a fine-tuned model
+     is trained to give) is reported beside it as `answer`;
  (b) linear probe: mean-pooled final hidden states from llama.cpp's embedding output,
      standardised, L2-regularised logistic regression fitted on the train split (numpy,
      Newton's method).
@@ -169,14 +171,15 @@ def metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
 
 
 def best_threshold(scores: np.ndarray, y: np.ndarray) -> float:
-    """Threshold on scores (predict spam when score > t) maximising F1."""
-    candidates = np.unique(scores)
-    best_t, best_f1 = float(candidates[0]) - 1, -1.0
-    for t in candidates:
-        f1 = metrics(y, scores > t)["f1"]
-        if f1 > best_f1:
-            best_t, best_f1 = float(t), f1
-    return best_t
+    """Threshold on scores (predict spam when score > t) maximising F1: the middle of the widest
+    gap between consecutive scores where F1 is at its maximum (the largest margin on both sides,
+    not the edge of the gap, which would sit on a calibration message's score)."""
+    c = np.unique(scores)
+    f1 = np.array([metrics(y, scores > t)["f1"] for t in c])
+    best = np.flatnonzero(f1 == f1.max())
+    upper = np.append(c[1:], c[-1] + 1.0)  # the last gap (everything ham) has no upper score
+    k = best[np.argmax(upper[best] - c[best])]
+    return float((c[k] + upper[k]) / 2)
 
 
 def predict_proba(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -267,7 +270,8 @@ def evaluate_spam(model: Path, data: Path, *, split: str = "stratified", test_fr
         llm.close()
     threshold = best_threshold(cal, np.array([msgs[i].label for i in calib_idx]))
     result["label_likelihood"] = {**metrics(y_test, scores > threshold), "threshold": threshold,
-                                  "calibration_messages": len(calib_idx), "seconds": time.perf_counter() - t0}
+                                  "calibration_messages": len(calib_idx), "seconds": time.perf_counter() - t0,
+                                  "answer": metrics(y_test, scores > 0)}
 
     if not probe:
         return result

@@ -40,12 +40,19 @@ TASKS = {"lm": "language modelling on --corpus (files named by --holdout validat
          "spam": "SMS spam as prompt + message -> label word on --data (the split's training part)"}
 # Recommended settings per task (what a run with only the required options uses).
 TASK_DEFAULTS = {
-    "lm": dict(tokens=2_000_000, batch_size=8, lr=5e-4, warmup_steps=20, eval_every=50),
-    "spam": dict(tokens=300_000, batch_size=16, lr=5e-4, warmup_steps=20, eval_every=50),
+    "lm": dict(tokens=2_000_000, batch_size=8, lr=5e-4, warmup_steps=20, eval_every=50, lm_weight=0.0),
+    "spam": dict(tokens=300_000, batch_size=16, lr=5e-4, warmup_steps=20, eval_every=50, lm_weight=0.5),
 }
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # settings that may change on --resume without changing what is trained
 RESUMABLE_CHANGES = {"stop_at", "device", "out"}
+# settings added after runs were recorded, with the value that reproduces what such runs did
+LEGACY_DEFAULTS = {"lm_weight": 0.0}
+
+
+def recorded_config(saved: dict) -> dict:
+    """A recorded run's settings, the ones it predates filled in with what it did."""
+    return {**LEGACY_DEFAULTS, **saved}
 
 
 @dataclass
@@ -72,6 +79,7 @@ class FinetuneConfig:
     batch_size: int | None = None
     ctx: int | None = None
     max_tokens: int = 256          # spam: longest prompt + label
+    lm_weight: float | None = None  # spam: share of the next-token loss on the messages' own tokens
     lr: float | None = None
     warmup_steps: int | None = None
     weight_decay: float = 0.0
@@ -104,6 +112,10 @@ def _check_numbers(cfg: FinetuneConfig) -> None:
     for name in ("qat_warmup", "warmup_steps"):
         if getattr(cfg, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}; expected 0 or more steps")
+    if not 0 <= cfg.lm_weight < 1:
+        raise InputError(f"--lm-weight {cfg.lm_weight}; expected a number in [0, 1) (the label keeps 1 - w)")
+    if cfg.task == "lm" and cfg.lm_weight:
+        raise InputError(f"--lm-weight {cfg.lm_weight} applies to --task spam; --task lm is all language modelling")
     if not 0 <= cfg.distill_weight <= 1:
         raise InputError(f"--distill-weight {cfg.distill_weight}; expected a number in [0, 1]")
     if not 0 <= cfg.dropout < 1:
@@ -169,7 +181,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
     saved = None
     if resume:
         saved = torch.load(out / "train_state.pt", map_location="cpu", weights_only=False)
-        old, new = saved["config"], asdict(cfg)
+        old, new = recorded_config(saved["config"]), asdict(cfg)
         new["recipe"] = [list(p) for p in new["recipe"]]
         old["recipe"] = [list(p) for p in old["recipe"]]
         diff = [k for k in new if k not in RESUMABLE_CHANGES and new[k] != old.get(k)]
@@ -189,7 +201,8 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
     else:
         if not cfg.data:
             raise InputError("--task spam needs --data SMSSpamCollection")
-        task = SpamTask(Path(cfg.data), tokenizer, cfg.split, cfg.batch_size, min(cfg.max_tokens, ctx))
+        task = SpamTask(Path(cfg.data), tokenizer, cfg.split, cfg.batch_size, min(cfg.max_tokens, ctx),
+                        lm_weight=cfg.lm_weight)
     teacher = None
     if cfg.distill:
         teacher, _ = _load_gpt2(Path(cfg.distill), "teacher")

@@ -9,7 +9,9 @@ run over `chunk` positions at a time, each chunk's backward accumulating into th
 states' gradient (and into the head's, when it trains); one backward through the blocks
 follows. The sum of the chunks' losses is the loss over all positions, exactly as one pass.
 
-    loss = (1 - a) * CE(student, target) + a * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+    loss = sum_i w_i [(1 - a) CE_i(student, target) + a T^2 KL_i(softmax(teacher / T) || softmax(student / T))]
+
+with w_i the batch's position weights (uniform 1/N unless the task gives them; they sum to 1).
 """
 
 from __future__ import annotations
@@ -43,28 +45,28 @@ class HeadLoss:
         with self._autocast():
             return model.lm_head(h).float()
 
-    def _chunk_loss(self, h, th, targets, n: int):
+    def _chunk_loss(self, h, th, targets, w):
+        """The chunk's share of the loss: its positions' weighted losses (w sums to 1 over the batch)."""
+        import torch
         import torch.nn.functional as F
 
         logits = self._logits(self.model, h)
         if th is None:
-            return F.cross_entropy(logits, targets, reduction="sum") / n
-        import torch
-
+            return (F.cross_entropy(logits, targets, reduction="none") * w).sum()
         a, T = self.distill_weight, self.temperature
         with torch.no_grad():
             log_pt = F.log_softmax(self._logits(self.teacher, th) / T, -1)
             pt = log_pt.exp()
-            entropy = -(pt * log_pt).sum()
+            entropy = -(pt * log_pt).sum(-1)
         # KL(p_t || p_s) = CE(p_s; soft target p_t) - H(p_t): one log-softmax of the student and
         # one fused soft-target cross-entropy instead of kl_div's extra passes over (N, V).
         if T == 1.0:  # CE and KL merge into one soft target: (1 - a) one-hot + a p_t
             target = pt.mul_(a)
             target[torch.arange(len(targets), device=targets.device), targets] += 1 - a
-            return (F.cross_entropy(logits, target, reduction="sum") - a * entropy) / n
-        loss = F.cross_entropy(logits, targets, reduction="sum") / n
-        kl = F.cross_entropy(logits / T, pt, reduction="sum") - entropy
-        return (1 - a) * loss + a * T * T * kl / n
+            return ((F.cross_entropy(logits, target, reduction="none") - a * entropy) * w).sum()
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        kl = F.cross_entropy(logits / T, pt, reduction="none") - entropy
+        return (((1 - a) * ce + a * T * T * kl) * w).sum()
 
     def backward(self, b) -> float:
         """Loss of batch `b`, its gradients accumulated into the model's parameters."""
@@ -78,9 +80,10 @@ class HeadLoss:
                 th = self._hidden(self.teacher, b)
         targets = b.targets.to(self.device)
         n, total = len(targets), 0.0
+        w = (torch.full((n,), 1.0 / n) if b.weights is None else b.weights).to(self.device, torch.float32)
         for i in range(0, n, self.chunk):
             part = self._chunk_loss(hd[i : i + self.chunk], None if th is None else th[i : i + self.chunk],
-                                    targets[i : i + self.chunk], n)
+                                    targets[i : i + self.chunk], w[i : i + self.chunk])
             part.backward()
             total += float(part.detach())
         h.backward(hd.grad.to(h.dtype))
