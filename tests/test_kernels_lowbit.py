@@ -1,7 +1,9 @@
-"""Ternary (BitNet b1.58 absmean -> TQ1_0/TQ2_0), Q4_0 and Q4_K: hand-built blocks with known
+"""Ternary (BitNet b1.58 absmean -> TQ1_0/TQ2_0), Q4_0, Q4_K and Q6_K: hand-built blocks with known
 bytes, the transformation doing what it says, agreement with gguf-py and ggml's reference."""
 
 from __future__ import annotations
+
+import platform
 
 import gguf
 import numpy as np
@@ -125,3 +127,46 @@ def test_q4_k_error_at_most_ggml_reference(dist):
 def test_q4_0_bytes_equal_ggml_reference():
     x = _w((8, 256), seed=9)
     assert get_quant_type("q4_0").quantize(x).tobytes() == ggml_quantize(x, get_quant_type("q4_0").ggml_type).tobytes()
+
+
+@pytest.mark.parametrize("dist", ["normal", "student_t3", "half_zero"])
+def test_q6_k_bytes_equal_ggml_reference(dist):
+    """Q6_K is ggml's reference quantizer to the byte (ggml-base on x86-64 does not fuse
+    multiply-adds; the fused variant, as a clang arm64 build computes it, differs in a few
+    super-blocks and only there)."""
+    from gpt2cube.kernels import q6_k
+
+    rng = np.random.default_rng(11)
+    x = {"normal": lambda: rng.normal(size=(48, 1024)) * 0.02, "student_t3": lambda: rng.standard_t(3, size=(48, 1024)),
+         "half_zero": lambda: np.where(rng.random((48, 1024)) < 0.5, 0, rng.normal(size=(48, 1024)))}[dist]()
+    x = x.astype(np.float32)
+    x[0, :256] = 0.0  # an all-zero super-block: zero bytes
+    x[1, :16] = 0.0   # an all-zero sub-block
+    qt = get_quant_type("q6_k")
+    ours = qt.quantize(x)
+    ref = ggml_quantize(x, qt.ggml_type)
+    assert ours.shape == ref.shape == (48, 4 * 210)
+    assert not ours[0, :210].any()
+    plain = (ours.reshape(-1, 210) != ref.reshape(-1, 210)).any(axis=1)
+    fused = (q6_k.pack(*q6_k.quantize_superblocks(x.reshape(-1, 256), fused=True)) != ref.reshape(-1, 210)).any(axis=1)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert not plain.any(), f"{plain.sum()} of {plain.size} super-blocks differ from ggml"
+    else:  # a build that fuses: one of the two arithmetic variants is ggml's, exactly
+        assert not plain.any() or not fused.any(), (plain.sum(), fused.sum())
+    assert np.array_equal(qt.quantize_ref(x[:4]), ours[:4])  # the block-by-block packing spelled out
+
+
+def test_q6_k_hand_built_block():
+    """Codes -32, -28, ..., 28 in every sub-block (the -32 fixes the step) under sub-block scales
+    whose largest magnitude is -128 decode back exactly."""
+    q = np.tile(np.arange(-32, 32, 4, dtype=np.float32), (16, 1))
+    sc = np.array([-128, 1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 100, 110, 120, 127, 64], np.float32)
+    d = np.float32(2**-10)
+    x = (d * sc[:, None] * q).reshape(1, 256)
+    qt = get_quant_type("q6_k")
+    data = qt.quantize(x)
+    assert data.shape == (1, 210)
+    assert np.array_equal(qt.dequantize(data, x.shape), x)
+    assert np.array_equal(qt.dequantize(data, x.shape), gguf.quants.dequantize(data, qt.ggml_type))
+    assert data[0, 208:].tobytes() == np.float16(d).tobytes()  # d = 1 / (-128 / max_scale), max_scale = -128 d
+    assert data[0, 192:208].view(np.int8).tolist() == sc.astype(int).tolist()

@@ -4,7 +4,7 @@ Reference: transformers with every weight replaced by its dequantized value from
 reference and file carry the same weight error. What remains is llama.cpp quantizing the
 *activations* in quantized mat-muls (to q8_0 for q8_0/q4_0 weights, to q8_K for q4_K and TQ).
 Tolerance ACT_TOL = 0.25 on max |dlogit| / std(logits): measured 0.11 for q8_0, 0.12 q4_0,
-0.16 q4_k, 0.10-0.11 tq1_0/tq2_0 on this fixture; the same files differ from the fp32 model by
+0.16 q4_k, 0.20 q6_k, 0.10-0.11 tq1_0/tq2_0 on this fixture; the same files differ from the fp32 model by
 0.18 (q8_0), 1.7-1.9 (4-bit) and 5.0 (ternary), and a wrong layout or transpose gives errors of
 order 1 or more, so the check separates packing mistakes from activation rounding.
 """
@@ -25,7 +25,7 @@ from gpt2cube.eval.llama_runner import llama_logits
 from gpt2cube.models import dequantized_model, hf_logits
 
 ACT_TOL = 0.25
-CASES = [("q8_0", "tensor"), ("q4_0", "tensor"), ("q4_k", "tensor"), ("tq2_0", "tensor"),
+CASES = [("q8_0", "tensor"), ("q4_0", "tensor"), ("q4_k", "tensor"), ("q6_k", "tensor"), ("tq2_0", "tensor"),
          ("tq2_0", "row"), ("tq1_0", "tensor"), ("tq1_0", "row")]
 
 
@@ -38,7 +38,7 @@ def test_llama_cpp_equals_dequantized_reference(checkpoints, prompt_tokens, tmp_
     ref = hf_logits(dequantized_model(out, src), prompt_tokens)
     err = float(np.abs(got - ref).max() / ref.std())
     assert err <= ACT_TOL, f"{qtype}/{mode}: {err:.3f}"
-    if qtype != "q8_0":  # the reference really carries the weight error
+    if qtype not in ("q8_0", "q6_k"):  # the reference really carries the weight error (6-8 bits: little)
         fp = hf_logits(model, prompt_tokens)
         assert float(np.abs(got - fp).max() / fp.std()) > 4 * err
 
