@@ -54,48 +54,52 @@ def _nearest(x: np.ndarray) -> np.ndarray:
 
 
 def _fit(x: np.ndarray, w: np.ndarray, iscale: np.ndarray, fused: bool):
-    """Codes for one candidate inverse step and the sums of the weighted fit, in ggml's order."""
-    l = np.clip(_nearest(iscale[:, None] * x), -NMAX, NMAX - 1)
+    """Codes for candidate inverse steps iscale (C, M) and the sums of the weighted fit (C, M),
+    accumulated in ggml's order (float sums depend on it)."""
+    l = np.clip(_nearest(iscale[:, :, None] * x[None]), -NMAX, NMAX - 1)
     lf = l.astype(np.float32)
-    sumlx = np.zeros(x.shape[0], np.float32)
-    suml2 = np.zeros(x.shape[0], np.float32)
+    sumlx = np.zeros(iscale.shape, np.float32)
+    suml2 = np.zeros(iscale.shape, np.float32)
     wx = w * x
-    for i in range(x.shape[1]):  # sequential, as the C loop: float sums depend on the order
-        sumlx = _mul_add(wx[:, i], lf[:, i], sumlx, fused)
-        suml2 = _mul_add(w[:, i] * lf[:, i], lf[:, i], suml2, fused)
+    for i in range(x.shape[1]):  # sequential, as the C loop
+        sumlx = _mul_add(wx[None, :, i], lf[:, :, i], sumlx, fused)
+        suml2 = _mul_add(w[None, :, i] * lf[:, :, i], lf[:, :, i], suml2, fused)
     return l, sumlx, suml2
+
+
+# the candidates' numerators in ggml's order: nmax, then nmax + 0.1 k for k = -9..-1, 1..9
+STEPS = [k for k in range(-9, 10) if k != 0]
+SUB_CHUNK = 8192  # sub-blocks fitted at once: (19, 8192, 16) temporaries, a few tens of MB
 
 
 def fit_subblocks(x: np.ndarray, fused: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(M, 16) float32 -> (scale (M,), codes (M, 16) in 0..63): ggml's make_qx_quants(16, 32,
-    rmse_type 1) for every sub-block at once."""
+    rmse_type 1) for every sub-block at once, all 19 candidate steps evaluated together and
+    then chosen in ggml's order (each compared with the best so far)."""
+    if x.shape[0] > SUB_CHUNK:
+        parts = [fit_subblocks(x[i : i + SUB_CHUNK], fused) for i in range(0, x.shape[0], SUB_CHUNK)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     ax = np.abs(x)
     k = np.argmax(ax, axis=1)  # the first largest |x|, as the C loop's strict '>'
     rows = np.arange(x.shape[0])
     mx, amax = x[rows, k], ax[rows, k]
     flat = amax < GROUP_MAX_EPS
     mx = np.where(flat, np.float32(1), mx).astype(np.float32)
-    w = x * x
-    iscale = (np.float32(-NMAX) / mx).astype(np.float32)
-    l, sumlx, suml2 = _fit(x, w, iscale, fused)
+    nums = [np.float32(NMAX)] + [_mul_add(np.float32(0.1), np.float32(k), np.float32(NMAX), fused) for k in STEPS]
+    iscale = np.stack([(-n / mx).astype(np.float32) for n in nums])  # -nmax / max, -(nmax + 0.1f*is) / max
+    l, sumlx, suml2 = _fit(x, x * x, iscale, fused)
     with np.errstate(divide="ignore", invalid="ignore"):
-        scale = np.where(suml2 != 0, sumlx / suml2, np.float32(0)).astype(np.float32)
-    best = (scale * sumlx).astype(np.float32)
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        num = _mul_add(np.float32(0.1), np.float32(step), np.float32(NMAX), fused)  # nmax + 0.1f * is
-        cand = (-num / mx).astype(np.float32)
-        lc, slx, sl2 = _fit(x, w, cand, fused)
-        better = (sl2 > 0) & (slx * slx > best * sl2)
-        if better.any():
-            l = np.where(better[:, None], lc, l)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                s = (slx / sl2).astype(np.float32)
-            scale = np.where(better, s, scale)
-            best = np.where(better, (s * slx).astype(np.float32), best)
+        ratio = (sumlx / suml2).astype(np.float32)
+    scale = np.where(suml2[0] != 0, ratio[0], np.float32(0)).astype(np.float32)
+    best = (scale * sumlx[0]).astype(np.float32)
+    pick = np.zeros(x.shape[0], np.int64)
+    for c in range(1, len(nums)):
+        better = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
+        pick = np.where(better, c, pick)
+        scale = np.where(better, ratio[c], scale)
+        best = np.where(better, (ratio[c] * sumlx[c]).astype(np.float32), best)
     scale = np.where(flat, np.float32(0), scale).astype(np.float32)
-    codes = np.where(flat[:, None], 0, l + NMAX)
+    codes = np.where(flat[:, None], 0, l[pick, rows] + NMAX)
     return scale, codes
 
 
