@@ -540,6 +540,49 @@ def finetune(src, out, task, corpus, holdout, exclude, data, split_name, qat, em
                + (f"\nnext: {summary['convert']}" if "convert" in summary else ""))
 
 
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the pruned checkpoint.")
+@click.option("--ffn", required=True, type=float,
+              help="FFN neurons removed from every layer: a fraction below 1 (0.25) or a count (256).")
+@click.option("--importance", type=click.Choice(["activation", "taylor", "magnitude", "random"]), default="activation",
+              show_default=True, help="activation: E[(a - c)^2] ||W_down row||^2; taylor: |sum (a - c) dL/da|; "
+                                      "magnitude: ||W_up col|| ||W_down row||; random: seeded.")
+@click.option("--calib", multiple=True, type=click.Path(path_type=Path),
+              help="Calibration text: files or directories of .txt (repeatable).")
+@click.option("--calib-tokens", type=int, default=65_536, show_default=True, help="Tokens of calibration text.")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Calibration window.")
+@click.option("--multiple-of", type=int, default=32, show_default=True,
+              help="Round the kept width down to a multiple of this (256 keeps ffn_down in K-quants).")
+@click.option("--no-bias-compensation", is_flag=True,
+              help="Do not fold the removed neurons' mean output into c_proj's bias (FLAP).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace a checkpoint already in OUT.")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def prune(src, out, ffn, importance, calib, calib_tokens, ctx, multiple_of, no_bias_compensation, seed, force,
+          as_json) -> None:
+    """Remove the least important FFN neurons of the GPT-2 checkpoint SRC, the same number in
+    every layer, and write a Hugging Face checkpoint (smaller n_inner) that `convert` and
+    `finetune --distill SRC` take.
+
+    One width for every layer because llama.cpp's GPT-2 graph sizes every layer's FFN by one
+    feed_forward_length. Attention heads are not offered: that graph keeps attn_qkv and
+    attn_output n_embd wide whatever the head count, so a pruned head could only be stored as
+    zeros (no smaller file, no faster run)."""
+    from .prune import PruneConfig
+    from .prune import prune as run_prune
+
+    cfg = PruneConfig(src=str(src), out=str(out), ffn=ffn, importance=importance, calib=[str(c) for c in calib],
+                      calib_tokens=calib_tokens, ctx=ctx, multiple_of=multiple_of, compensate=not no_bias_compensation,
+                      seed=seed)
+    summary = run_prune(cfg, force=force, log=_log)
+    click.echo(json.dumps(summary, indent=2) if as_json else
+               f"wrote {out}: {summary['kept_per_layer']} of {summary['n_ff']} FFN neurons kept per layer; share of "
+               f"importance removed per layer: {', '.join(f'{v:.3f}' for v in summary['removed_share_of_importance'])}"
+               f"\nnext: gpt2cube convert {out} -o pruned.gguf --type q4_k  (or finetune {out} --distill {src})")
+
+
 @main.group()
 def baseline() -> None:
     """Baselines measured on the same GPT-2 token stream as the models."""

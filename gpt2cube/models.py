@@ -12,8 +12,40 @@ import numpy as np
 
 from .converter.arch import GPT2, Architecture, TensorSpec, arch_for
 from .converter.checkpoint import Checkpoint, open_checkpoint
-from .errors import GGUFFormatError
+from .errors import GGUFFormatError, InputError
 from .gguf_file import dequantize_tensor, field_value, quant_type_of, read_gguf
+from .tokenizers import bundled_gpt2_files
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def load_gpt2_checkpoint(path: Path, role: str = "input"):
+    """A float32 transformers GPT-2 to train or edit, from a checkpoint the converter accepts
+    (its checks first, so a checkpoint that is not GPT-2 gets the converter's clear error)."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    arch = arch_for(open_checkpoint(path))
+    try:
+        model = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: transformers cannot load this {role} checkpoint ({str(e).splitlines()[0]})") from None
+    return model, arch
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """The source checkpoint's tokenizer files into dst, or GPT-2's bundled ones if it has none."""
+    import shutil
+
+    copied = False
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied = True
+    if not copied:
+        enc, bpe = bundled_gpt2_files()
+        shutil.copyfile(enc, dst / "vocab.json")
+        shutil.copyfile(bpe, dst / "merges.txt")
 
 
 def hf_gpt2(config: dict, specs: list[TensorSpec], weight_of: Callable[[TensorSpec], np.ndarray]):

@@ -26,11 +26,10 @@ from typing import Callable
 import numpy as np
 
 from ..atomic import write_text
-from ..converter.arch import arch_for
-from ..converter.checkpoint import open_checkpoint
 from ..converter.plan import Recipe
 from ..errors import InputError, OutputError
-from ..tokenizers import bundled_gpt2_files, hf_tokenizer
+from ..models import copy_tokenizer_files, load_gpt2_checkpoint
+from ..tokenizers import hf_tokenizer
 from ..train.trainer import cosine_lr, pick_device, pick_precision, plot_loss
 from .qat import QuantizedWeights
 from .losses import HeadLoss
@@ -43,7 +42,6 @@ TASK_DEFAULTS = {
     "lm": dict(tokens=2_000_000, batch_size=8, lr=5e-4, warmup_steps=20, eval_every=50, lm_weight=0.0),
     "spam": dict(tokens=300_000, batch_size=16, lr=5e-4, warmup_steps=20, eval_every=50, lm_weight=0.5),
 }
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 # settings that may change on --resume without changing what is trained
 RESUMABLE_CHANGES = {"stop_at", "device", "out"}
 # settings added after runs were recorded, with the value that reproduces what such runs did
@@ -126,19 +124,6 @@ def _check_numbers(cfg: FinetuneConfig) -> None:
         raise InputError(f"--ctx {cfg.ctx}; expected at least 2")
 
 
-def _load_gpt2(path: Path, role: str):
-    """A float32 transformers GPT-2 from a checkpoint the converter accepts (its checks first)."""
-    import torch
-    from transformers import GPT2LMHeadModel
-
-    arch = arch_for(open_checkpoint(path))  # clear errors for a checkpoint that is not GPT-2
-    try:
-        model = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: transformers cannot load this {role} checkpoint ({str(e).splitlines()[0]})") from None
-    return model, arch
-
-
 def _tokenizer_for(src: Path):
     if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():
         return hf_tokenizer(src / "vocab.json", src / "merges.txt")
@@ -190,7 +175,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
             raise InputError(f"--resume: {k} = {new[k]!r} but the run in {out} was started with {old.get(k)!r}; "
                              "resume with the same settings (only --stop-at and --device may change)")
 
-    model, arch = _load_gpt2(src, "student")
+    model, arch = load_gpt2_checkpoint(src, "student")
     ctx = min(cfg.ctx or 512, model.config.n_positions)
     tokenizer = _tokenizer_for(src)
     if cfg.task == "lm":
@@ -205,7 +190,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
                         lm_weight=cfg.lm_weight)
     teacher = None
     if cfg.distill:
-        teacher, _ = _load_gpt2(Path(cfg.distill), "teacher")
+        teacher, _ = load_gpt2_checkpoint(Path(cfg.distill), "teacher")
         _check_teacher(teacher, model, Path(cfg.distill), ctx)
     recipe = Recipe(linear=cfg.qat, embed=cfg.embed_type, patterns=list(cfg.recipe), ternary_scale=cfg.ternary_scale,
                     strict=cfg.strict) if cfg.qat else None
@@ -342,15 +327,7 @@ def _export(model, cfg: FinetuneConfig, src: Path, out: Path, best: dict, qw) ->
     export = out / ".export.tmp"
     shutil.rmtree(export, ignore_errors=True)
     model.save_pretrained(export, safe_serialization=True)
-    copied = False
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, export / name)
-            copied = True
-    if not copied:
-        enc, bpe = bundled_gpt2_files()
-        shutil.copyfile(enc, export / "vocab.json")
-        shutil.copyfile(bpe, export / "merges.txt")
+    copy_tokenizer_files(src, export)
     record = {"source": str(src), "config": asdict(cfg), "best": {k: v for k, v in best.items() if k != "select"}}
     if qw:
         record["qat_tensor_types"] = qw.types()
