@@ -221,3 +221,19 @@ def test_weight_only_measures_need_no_text(src, tmp_path):
                                     "--no-bias-compensation", "--multiple-of", "32", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["kept_per_layer"] == 224  # 256 - 26 = 230, rounded down to 224
+
+
+def test_recovery_by_distillation_from_the_unpruned_model(src, corpus, tmp_path):
+    """prune -> finetune --distill SRC: the pruned student trains against the unpruned teacher
+    and its validation loss falls below the pruned starting point."""
+    from gpt2cube.finetune.loop import FinetuneConfig, finetune
+
+    pruned = tmp_path / "p"
+    _run(src, pruned, corpus, ffn=0.5)
+    cfg = FinetuneConfig(src=str(pruned), out=str(tmp_path / "ft"), corpus=[str(corpus)], holdout=["b.txt"], ctx=32,
+                         batch_size=4, tokens=32 * 4 * 12, lr=2e-3, warmup_steps=2, eval_every=4, seed=3,
+                         precision="fp32", distill=str(src), distill_weight=0.5)
+    s = finetune(cfg, progress=False, log=lambda m: None)
+    rows = [json.loads(line) for line in (tmp_path / "ft" / "train_log.jsonl").read_text().splitlines()]
+    assert s["best"]["val_loss"] < rows[0]["val_loss"]
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["n_inner"] == 128
