@@ -12,7 +12,7 @@ named by --recover, the pruned model after `finetune --distill` from the unprune
 (--recover-tokens on the training books).
 Columns: held-out PPL (pg35, llama.cpp, 40 windows of 512), spam F1 (the model answering, label
 likelihood with the calibrated threshold, deduplicated stratified test split), parameters, file
-MB, pp512 / tg128 t/s (`gpt2cube bench`, median of --repeats) and their ratios to the unpruned
+MB, pp384 / tg128 t/s (`gpt2cube bench`, median of --repeats) and their ratios to the unpruned
 file measured in the same run.
 Writes WORKDIR/pruning.json, pruning.md, pruning.png; prints JSON and the table.
 """
