@@ -4,7 +4,7 @@ converted GGUF run by llama.cpp.
     python benchmarks/recovery.py [--workdir DIR] [--reference models/reference]
         [--lm-tokens 2000000] [--q4k-tokens 500000] [--spam-tokens 300000] [--max-windows 40]
         [--hellaswag-limit 200] [--spam-limit N] [--sweep-tokens 122880] [--sweep 5e-4:0 5e-4:20 1e-3:0]
-        [--no-sweep] [--distill-weight 0] [--threads 2]
+        [--no-sweep] [--distill-weight 0] [--threads 2] [--speed-only]
 
 Rows: f16, q4_k, tq2_0, tq1_0 linear layers (ternary rows with Q4_K embeddings, the shipped
 reference-ternary's choice) x {as converted; QAT on the books (LM; --distill-weight adds KL
@@ -17,7 +17,9 @@ Columns: held-out PPL (pg35, excluded from every fine-tune; llama.cpp), spam by 
 answering on the deduplicated stratified test split and on the balanced split's test part (each
 spam fine-tune trained on that split's training part only): calibrated (threshold fitted on 300
 training messages, as `eval spam` does for any model) and the answer itself (threshold 0), HellaSwag (seeded subset), file MB,
-tg t/s and peak RSS (`gpt2cube bench`), fine-tuning tokens and minutes.
+tg t/s and peak RSS (`gpt2cube bench`, median of --repeats, every file back to back once the
+fine-tunes and evaluations are over; `--speed-only` re-measures them for the rows already in
+WORKDIR), fine-tuning tokens and minutes.
 The sweep (tq2_0, LM): learning rate x QAT warm-up at --sweep-tokens each; its plot is the
 validation PPL during training (torch on exactly the quantized weights, validation books
 pg1661/pg768/pg1952) against tokens, with each run's llama.cpp PPL on pg35 at the end.
@@ -62,7 +64,6 @@ def run_finetune(out: Path, log, **kw) -> dict:
 
 def measure(gguf: Path, args, spam_split: str | None, spam_only: bool = False) -> dict:
     """llama.cpp figures of one file. `spam_split`: which split(s) this file may be scored on."""
-    from gpt2cube.eval.bench import bench
     from gpt2cube.eval.hellaswag import evaluate_hellaswag
     from gpt2cube.eval.perplexity import llama_perplexity, read_text
     from gpt2cube.eval.spam import evaluate_spam
@@ -82,9 +83,38 @@ def measure(gguf: Path, args, spam_split: str | None, spam_only: bool = False) -
     if args.hellaswag_limit:
         h = evaluate_hellaswag(gguf, HELLASWAG, limit=args.hellaswag_limit, seed=0, n_threads=args.threads)
         row["hellaswag"] = round(h["accuracy"], 4)
-    b = bench(gguf, n_prompt=128, n_gen=64, repeats=args.repeats, n_threads=args.threads)
-    row["tg_t_s"], row["peak_rss_mb"] = round(b["tg_tok_s"], 1), round(b["peak_rss_mb"])
+    row["gguf"] = str(gguf)
     return row
+
+
+def measure_speed(rows: list[dict], args, log) -> None:
+    """tg t/s and peak RSS of every row's file, one after another once nothing else runs (no
+    fine-tune or evaluation in between): median of --repeats runs each."""
+    from gpt2cube.eval.bench import bench
+
+    for r in rows:
+        b = bench(Path(r["gguf"]), n_prompt=128, n_gen=64, repeats=args.repeats, n_threads=args.threads)
+        r["tg_t_s"], r["peak_rss_mb"] = round(b["tg_tok_s_median"], 1), round(b["peak_rss_mb"])
+        log(f"{Path(r['gguf']).name}: tg {r['tg_t_s']} t/s, peak RSS {r['peak_rss_mb']} MB")
+
+
+def gguf_name(row: dict) -> str:
+    """The file a row was measured on (rows written before rows named their file)."""
+    stage = row["stage"]
+    kind = "plain" if stage == "as converted" else "spam-stratified" if stage.startswith("spam") else "lm"
+    return f"{row['type']}-{kind}.gguf"
+
+
+def write_report(wd: Path, meta: dict, rows: list[dict], sweep: list[dict]) -> str:
+    report = {"meta": meta, "rows": rows, "sweep": sweep}
+    (wd / "recovery.json").write_text(json.dumps(report, indent=2))
+    md = table(rows)
+    (wd / "recovery.md").write_text(md)
+    plot_rows(rows, wd / "recovery.png")
+    print(json.dumps(report, indent=2))
+    print()
+    print(md)
+    return md
 
 
 def main() -> None:
@@ -105,6 +135,8 @@ def main() -> None:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--speed-only", action="store_true",
+                    help="re-measure tg and RSS of the rows already in WORKDIR (recovery.json or recovery.partial.json)")
     args = ap.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA}: the shared data sets are needed (Gutenberg books, SMS spam, HellaSwag)")
@@ -118,6 +150,15 @@ def main() -> None:
     wd = args.workdir
     wd.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.speed_only:
+        done = json.loads((wd / "recovery.json").read_text()) if (wd / "recovery.json").is_file() else \
+            {"meta": {}, "rows": json.loads((wd / "recovery.partial.json").read_text()), "sweep": []}
+        for r in done["rows"]:
+            r.setdefault("gguf", str(wd / gguf_name(r)))
+        measure_speed(done["rows"], args, log)
+        done["meta"]["speed"] = f"tg64 after a 128-token prompt, median of {args.repeats}, measured back to back (--speed-only)"
+        write_report(wd, done["meta"], done["rows"], done["sweep"])
+        return
     ref = args.reference
     lm = dict(task="lm", corpus=[str(BOOKS)], holdout=VALIDATION, exclude=[EVAL_BOOK])
     if args.distill_weight > 0:
@@ -177,21 +218,16 @@ def main() -> None:
         (wd / "recovery.partial.json").write_text(json.dumps(rows, indent=2))
 
     sweep = [] if args.no_sweep else run_sweep(args, wd, ref, lm, gguf_of, log)
-    report = {"meta": {"reference": str(ref), "eval_text": f"{EVAL_BOOK} (held out of the reference and of every "
-                       f"fine-tune), {args.max_windows} windows of 512", "validation_books": VALIDATION,
-                       "spam": "deduplicated; stratified test split and balanced test split; model answering "
-                       "(label likelihood, threshold fitted on 300 training messages)",
-                       "hellaswag": f"validation split, seeded subset of {args.hellaswag_limit}", "threads": args.threads,
-                       "lm_tokens": args.lm_tokens, "q4k_tokens": args.q4k_tokens, "spam_tokens": args.spam_tokens,
-                       "distill_weight": args.distill_weight},
-              "rows": rows, "sweep": sweep}
-    (wd / "recovery.json").write_text(json.dumps(report, indent=2))
-    md = table(rows)
-    (wd / "recovery.md").write_text(md)
-    plot_rows(rows, wd / "recovery.png")
-    print(json.dumps(report, indent=2))
-    print()
-    print(md)
+    measure_speed(rows, args, log)
+    meta = {"reference": str(ref), "eval_text": f"{EVAL_BOOK} (held out of the reference and of every "
+            f"fine-tune), {args.max_windows} windows of 512", "validation_books": VALIDATION,
+            "spam": "deduplicated; stratified test split and balanced test split; model answering (label "
+            "likelihood: threshold fitted on 300 training messages, and the answer itself, threshold 0)",
+            "hellaswag": f"validation split, seeded subset of {args.hellaswag_limit}", "threads": args.threads,
+            "lm_tokens": args.lm_tokens, "q4k_tokens": args.q4k_tokens, "spam_tokens": args.spam_tokens,
+            "distill_weight": args.distill_weight,
+            "speed": f"tg64 after a 128-token prompt, median of {args.repeats}, every file back to back at the end"}
+    write_report(wd, meta, rows, sweep)
 
 
 def run_sweep(args, wd: Path, ref: Path, lm: dict, gguf_of, log) -> list[dict]:
