@@ -168,6 +168,8 @@ def main() -> None:
     # fine-tunes, run when a row first needs them (cached in WORKDIR)
     def spec(key: tuple[str, str, str | None]) -> tuple[Path, dict]:
         t, kind, split = key
+        if kind == "lm-short":  # the f16 control with q4_k's budget of tokens
+            return wd / "lm-f16-short", dict(src=str(ref), tokens=args.q4k_tokens, **lm)
         if kind == "lm":  # QAT on the books; for f16 the control without quantization
             tokens = {"f16": args.lm_tokens, "tq2_0": args.lm_tokens, "q4_k": args.q4k_tokens}[t]
             qat = {} if t == "f16" else dict(qat=t, embed_type=embed[t])
@@ -195,6 +197,7 @@ def main() -> None:
         ("tq2_0", "as converted", None), ("tq2_0", lm_stage, ("tq2_0", "lm")), ("f16", "as converted", None),
         ("f16", "LM fine-tuned, no QAT (control)", ("f16", "lm")), ("tq2_0", "spam fine-tuned with QAT", ("tq2_0", "spam")),
         ("f16", "spam fine-tuned", ("f16", "spam")), ("q4_k", "as converted", None), ("q4_k", lm_stage, ("q4_k", "lm")),
+        ("f16", "LM fine-tuned, no QAT (control, q4_k's tokens)", ("f16", "lm-short")),
         ("tq1_0", "as converted", None), ("tq1_0", lm_stage, ("tq2_0", "lm")), ("q4_k", "spam fine-tuned with QAT", ("q4_k", "spam")),
     ]
     rows = []
@@ -202,9 +205,9 @@ def main() -> None:
         t0 = time.perf_counter()
         if what is None:
             row, summary = measure(gguf_of(ref, t, f"{t}-plain"), args, None), None
-        elif what[1] == "lm":
+        elif what[1].startswith("lm"):
             ckpt, summary = run((*what, None))
-            row = measure(gguf_of(ckpt, t, f"{t}-lm"), args, None)
+            row = measure(gguf_of(ckpt, t, f"{t}-{what[1]}"), args, None)
         else:  # one model per spam split, each scored on its own split only
             strat, summary = run((*what, "stratified"))
             bal, _ = run((*what, "balanced"))
