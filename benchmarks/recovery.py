@@ -9,7 +9,8 @@ converted GGUF run by llama.cpp.
 Rows: f16, q4_k, tq2_0, tq1_0 linear layers (ternary rows with Q4_K embeddings, the shipped
 reference-ternary's choice) x {as converted; QAT on the books (LM; --distill-weight adds KL
 distillation from the f16 model) and, for f16, the same fine-tune without quantization (the
-control: the reference is a mid-training checkpoint, so more tokens help any model); spam
+control: the reference is a mid-training checkpoint, so more tokens help any model; a second
+control with q4_k's smaller budget, --q4k-tokens); spam
 fine-tuned, with QAT for the compressed types, from the f16 reference with `finetune`'s default
 settings}. tq1_0 files are converted from the tq2_0 checkpoints: the same ternary values, so the
 same figures (its spam row is left out).
