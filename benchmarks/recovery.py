@@ -4,7 +4,7 @@ converted GGUF run by llama.cpp.
     python benchmarks/recovery.py [--workdir DIR] [--reference models/reference]
         [--lm-tokens 2000000] [--q4k-tokens 500000] [--spam-tokens 300000] [--max-windows 40]
         [--hellaswag-limit 200] [--spam-limit N] [--sweep-tokens 122880] [--sweep 5e-4:0 5e-4:20 1e-3:0]
-        [--no-sweep] [--distill-weight 0] [--threads 2] [--speed-only]
+        [--no-sweep] [--distill-weight 0] [--threads 2] [--only TEXT ...] [--speed-only]
 
 Rows: f16, q4_k, tq2_0, tq1_0 linear layers (ternary rows with Q4_K embeddings, the shipped
 reference-ternary's choice) x {as converted; QAT on the books (LM; --distill-weight adds KL
@@ -136,6 +136,9 @@ def main() -> None:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                    help="measure only the rows whose 'type stage' contains one of these; the other rows (and the "
+                         "sweep) are kept from WORKDIR/recovery.json; speed is re-measured for all")
     ap.add_argument("--speed-only", action="store_true",
                     help="re-measure tg and RSS of the rows already in WORKDIR (recovery.json or recovery.partial.json)")
     args = ap.parse_args()
@@ -202,7 +205,12 @@ def main() -> None:
         ("tq1_0", "as converted", None), ("tq1_0", lm_stage, ("tq2_0", "lm")), ("q4_k", "spam fine-tuned with QAT", ("q4_k", "spam")),
     ]
     rows = []
+    previous = json.loads((wd / "recovery.json").read_text()) if args.only and (wd / "recovery.json").is_file() else None
     for t, stage, what in plan:
+        if args.only and not any(o in f"{t} {stage}" for o in args.only):
+            old = [r for r in (previous or {}).get("rows", []) if (r["type"], r["stage"]) == (t, stage)]
+            rows += old  # kept as measured before
+            continue
         t0 = time.perf_counter()
         if what is None:
             row, summary = measure(gguf_of(ref, t, f"{t}-plain"), args, None), None
@@ -221,7 +229,12 @@ def main() -> None:
         log(json.dumps(row))
         (wd / "recovery.partial.json").write_text(json.dumps(rows, indent=2))
 
-    sweep = [] if args.no_sweep else run_sweep(args, wd, ref, lm, gguf_of, log)
+    if args.only:
+        sweep = (previous or {}).get("sweep", [])
+    else:
+        sweep = [] if args.no_sweep else run_sweep(args, wd, ref, lm, gguf_of, log)
+    for r in rows:
+        r.setdefault("gguf", str(wd / gguf_name(r)))
     measure_speed(rows, args, log)
     meta = {"reference": str(ref), "eval_text": f"{EVAL_BOOK} (held out of the reference and of every "
             f"fine-tune), {args.max_windows} windows of 512", "validation_books": VALIDATION,
