@@ -5,6 +5,7 @@ runtime's own arithmetic: packing, layout and transposes)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -12,7 +13,8 @@ import numpy as np
 
 from .converter.arch import GPT2, Architecture, TensorSpec, arch_for
 from .converter.checkpoint import Checkpoint, open_checkpoint
-from .errors import GGUFFormatError, InputError
+from .atomic import write_text
+from .errors import GGUFFormatError, InputError, OutputError
 from .gguf_file import dequantize_tensor, field_value, quant_type_of, read_gguf
 from .tokenizers import bundled_gpt2_files
 
@@ -31,6 +33,35 @@ def load_gpt2_checkpoint(path: Path, role: str = "input"):
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: transformers cannot load this {role} checkpoint ({str(e).splitlines()[0]})") from None
     return model, arch
+
+
+def check_checkpoint_out(src: Path, out: Path, *, replace: bool, markers: tuple[str, ...] = ("model.safetensors",),
+                         hint: str = "pass --force to replace it") -> None:
+    """--out for a command that writes a checkpoint directory: never the input, a directory, and
+    not one already holding a checkpoint (one of `markers`) unless `replace`."""
+    if out.resolve() == src.resolve():
+        raise OutputError(f"--out {out} is the input checkpoint; the input is never modified, choose another directory")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: exists and is not a directory")
+    if not replace and out.is_dir() and any((out / n).exists() for n in markers):
+        raise OutputError(f"--out {out}: already holds a checkpoint; {hint}")
+
+
+def save_checkpoint(model, src: Path, out: Path, records: dict[str, str]) -> None:
+    """`model` as a standard HF directory in `out` (safetensors, config, src's tokenizer files,
+    plus `records`: file name -> text), swapped in file by file from a complete temporary export."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    export = out / ".export.tmp"
+    shutil.rmtree(export, ignore_errors=True)
+    model.save_pretrained(export, safe_serialization=True)
+    copy_tokenizer_files(src, export)
+    for name, text in records.items():
+        write_text(export / name, text)
+    for f in export.iterdir():
+        os.replace(f, out / f.name)
+    export.rmdir()
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:

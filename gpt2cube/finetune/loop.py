@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -25,10 +24,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..atomic import write_text
 from ..converter.plan import Recipe
-from ..errors import InputError, OutputError
-from ..models import copy_tokenizer_files, load_gpt2_checkpoint
+from ..errors import InputError
+from ..models import check_checkpoint_out, load_gpt2_checkpoint, save_checkpoint
 from ..tokenizers import hf_tokenizer
 from ..train.trainer import cosine_lr, pick_device, pick_precision, plot_loss
 from .qat import QuantizedWeights
@@ -135,12 +133,8 @@ def _tokenizer_for(src: Path):
 
 
 def _check_output(src: Path, out: Path, resume: bool, force: bool) -> None:
-    if out.resolve() == src.resolve():
-        raise OutputError(f"--out {out} is the input checkpoint; the input is never modified, choose another directory")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: exists and is not a directory")
-    if not resume and not force and out.is_dir() and any((out / n).exists() for n in ("model.safetensors", "train_state.pt")):
-        raise OutputError(f"--out {out}: already holds a checkpoint; pass --resume to continue it or --force to replace it")
+    check_checkpoint_out(src, out, replace=resume or force, markers=("model.safetensors", "train_state.pt"),
+                         hint="pass --resume to continue it or --force to replace it")
     if resume and not (out / "train_state.pt").is_file():
         raise InputError(f"{out / 'train_state.pt'}: nothing to resume; run without --resume first")
 
@@ -324,15 +318,8 @@ def _save_state(model, opt, rng, cfg: FinetuneConfig, step: int, seen: int, secs
 def _export(model, cfg: FinetuneConfig, src: Path, out: Path, best: dict, qw) -> None:
     """The checkpoint as a standard HF directory (fp32 latent weights), swapped in atomically
     file by file from a complete temporary export."""
-    export = out / ".export.tmp"
-    shutil.rmtree(export, ignore_errors=True)
-    model.save_pretrained(export, safe_serialization=True)
-    copy_tokenizer_files(src, export)
     record = {"source": str(src), "config": asdict(cfg), "best": {k: v for k, v in best.items() if k != "select"}}
     if qw:
         record["qat_tensor_types"] = qw.types()
         record["convert"] = _convert_hint(cfg, out)
-    write_text(export / "finetune.json", json.dumps(record, indent=2) + "\n")
-    for f in export.iterdir():
-        os.replace(f, out / f.name)
-    export.rmdir()
+    save_checkpoint(model, src, out, {"finetune.json": json.dumps(record, indent=2) + "\n"})

@@ -15,17 +15,14 @@ layout: no smaller file, no faster run.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..atomic import write_text
-from ..errors import InputError, OutputError
-from ..models import copy_tokenizer_files, load_gpt2_checkpoint
+from ..errors import InputError
+from ..models import check_checkpoint_out, load_gpt2_checkpoint, save_checkpoint
 from ..train.data import load_tokens
 from .importance import MEASURES, WEIGHT_ONLY, calibrate
 
@@ -66,9 +63,9 @@ def _layer_weights(block) -> dict:
 
 
 def _windows(tokens: np.ndarray, ctx: int, n_tokens: int, seed: int) -> np.ndarray:
-    n = max(1, min(n_tokens // ctx, (len(tokens) - 1) // ctx))
     if len(tokens) < ctx + 1:
         raise InputError(f"the calibration text has {len(tokens)} tokens, fewer than one window of --ctx {ctx} + 1")
+    n = max(1, min(n_tokens // ctx, (len(tokens) - 1) // ctx))
     starts = np.sort(np.random.default_rng(seed).choice(len(tokens) - ctx, size=n, replace=False))
     return tokens[starts[:, None] + np.arange(ctx + 1)[None, :]]
 
@@ -79,7 +76,7 @@ def prune_model(model, cal, keep: int, importance: str, compensate: bool, seed: 
 
     from transformers.pytorch_utils import Conv1D
 
-    needs_grad, score = MEASURES[importance]
+    _, score = MEASURES[importance]
     rng = np.random.default_rng(seed)
     record = {"kept": [], "removed_share_of_importance": []}
     for i, block in enumerate(model.transformer.h):
@@ -115,12 +112,7 @@ def prune(cfg: PruneConfig, *, force: bool = False, log=print) -> dict:
     src, out = Path(cfg.src), Path(cfg.out)
     if cfg.importance not in MEASURES:
         raise InputError(f"--importance {cfg.importance!r}; expected one of {', '.join(MEASURES)}")
-    if out.exists() and out.resolve() == src.resolve():
-        raise OutputError(f"--out {out} is the input checkpoint; the input is never modified, choose another directory")
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and (out / "model.safetensors").exists() and not force:
-        raise OutputError(f"--out {out}: already holds a checkpoint; pass --force to replace it")
+    check_checkpoint_out(src, out, replace=force)
     model, _arch = load_gpt2_checkpoint(src, "input")
     n_ff = model.transformer.h[0].mlp.c_fc.nf
     keep = kept_width(n_ff, cfg.ffn, cfg.multiple_of)
@@ -138,19 +130,11 @@ def prune(cfg: PruneConfig, *, force: bool = False, log=print) -> dict:
     else:
         cal = None
     record = prune_model(model, cal, keep, cfg.importance, cfg.compensate, cfg.seed)
-    export = out / ".prune.tmp"
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(export, ignore_errors=True)
-    model.save_pretrained(export, safe_serialization=True)
-    copy_tokenizer_files(src, export)
     summary = {"source": str(src), "config": asdict(cfg), "n_ff": n_ff, "kept_per_layer": keep,
                "removed_per_layer": n_ff - keep, "calibration_tokens": cal.tokens if cal else 0,
                "seconds": round(time.perf_counter() - t0, 1),
                "removed_share_of_importance": record["removed_share_of_importance"], "kept": record["kept"]}
-    write_text(export / "prune.json", json.dumps(summary, indent=1) + "\n")
-    for f in export.iterdir():
-        os.replace(f, out / f.name)
-    export.rmdir()
+    save_checkpoint(model, src, out, {"prune.json": json.dumps(summary, indent=1) + "\n"})
     log(f"pruned {n_ff - keep} of {n_ff} FFN neurons per layer ({cfg.importance}"
         + (", bias-compensated" if cfg.compensate else "") + f"); wrote {out}")
     return {k: v for k, v in summary.items() if k != "kept"}
