@@ -61,15 +61,11 @@ def build_checkpoint(workdir: Path) -> Path:
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # the runtime gpt2cube pins (pyproject.toml)
 
 
-def build_llama_bench(workdir: Path, log=lambda m: print(m, file=sys.stderr)) -> Path:
-    """llama-bench built from the llama.cpp source that llama-cpp-python vendors (its sdist from
-    the package index, unpacked under workdir), Release, native CPU flags as pip's build uses.
-    Cached: a second call returns the existing binary."""
+def llama_cpp_source(workdir: Path, log=lambda m: print(m, file=sys.stderr)) -> Path:
+    """The llama.cpp tree that llama-cpp-python vendors (its sdist from the package index,
+    unpacked under workdir; cached)."""
     import tarfile
 
-    exe = workdir / "llama-bench-build" / "bin" / "llama-bench"
-    if exe.is_file():
-        return exe
     workdir.mkdir(parents=True, exist_ok=True)
     sdists = sorted(workdir.glob("llama_cpp_python-*.tar.gz"))
     if not sdists:
@@ -81,7 +77,16 @@ def build_llama_bench(workdir: Path, log=lambda m: print(m, file=sys.stderr)) ->
     if not src.is_dir():
         with tarfile.open(sdists[-1]) as tf:
             tf.extractall(workdir, filter="data")
-    llama = src / "vendor" / "llama.cpp"
+    return src / "vendor" / "llama.cpp"
+
+
+def build_llama_bench(workdir: Path, log=lambda m: print(m, file=sys.stderr)) -> Path:
+    """llama-bench built from the llama.cpp source that llama-cpp-python vendors, Release,
+    native CPU flags as pip's build uses. Cached: a second call returns the existing binary."""
+    exe = workdir / "llama-bench-build" / "bin" / "llama-bench"
+    if exe.is_file():
+        return exe
+    llama = llama_cpp_source(workdir, log)
     build = workdir / "llama-bench-build"
     log(f"building llama-bench from {llama} (a few minutes on 2 cores) ...")
     subprocess.run(["cmake", "-S", str(llama), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",

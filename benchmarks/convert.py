@@ -6,10 +6,12 @@ every quantized matrix of the file against the checkpoint, beside the RMSE of gg
 reference quantizer (libggml-base from the llama-cpp-python wheel) on the same tensors.
 Baselines measured in the same run: copying the checkpoint (the I/O floor); llama.cpp's
 quantizer (llama_model_quantize through llama-cpp-python) applied to an f16 GGUF, i.e. the
-two-step pipeline "convert to f16, then llama-quantize"; with --llama-cpp DIR also llama.cpp's
-own convert_hf_to_gguf.py for that f16 step.
+two-step pipeline "convert to f16, then llama-quantize", whose f16 step is llama.cpp's own
+convert_hf_to_gguf.py from the llama.cpp tree llama-cpp-python vendors (its sdist, fetched once from
+the package index into the workdir; `--llama-cpp DIR` names another tree, `--llama-cpp none` uses
+our f16 file instead, a faster first step and so a stricter baseline).
 
-    python benchmarks/convert.py [--repeats 3] [--workdir DIR] [--llama-cpp DIR] [--json out.json]
+    python benchmarks/convert.py [--repeats 3] [--workdir DIR] [--llama-cpp DIR|none] [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PY, build_checkpoint, median_of, print_report, run_measured  # noqa: E402
+from _common import PY, build_checkpoint, llama_cpp_source, median_of, print_report, run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> extra CLI arguments
@@ -36,6 +38,7 @@ VARIANTS: dict[str, list[str]] = {
     "q8_0": ["--type", "q8_0"],
     "q4_0": ["--type", "q4_0"],
     "q4_k": ["--type", "q4_k"],
+    "q6_k": ["--type", "q6_k"],
     "tq2_0": ["--type", "tq2_0"],
     "tq1_0": ["--type", "tq1_0"],
     "tq2_0 + q4_k embeddings": ["--type", "tq2_0", "--embed-type", "q4_k"],
@@ -43,7 +46,7 @@ VARIANTS: dict[str, list[str]] = {
     "recipe ternary-smallest": ["--type", "tq1_0", "--recipe", str(ROOT / "recipes/ternary-smallest.toml")],
 }
 # our type -> llama.cpp ftype for llama_model_quantize (Q4_K -> Q4_K_M, its usual 4-bit K recipe)
-LLAMA_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k": 15, "tq2_0": 37, "tq1_0": 36}
+LLAMA_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k": 15, "q6_k": 18, "tq2_0": 37, "tq1_0": 36}
 
 QUANTIZE_CHILD = """
 import ctypes, sys, llama_cpp
@@ -89,7 +92,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpt2cube-bench"))
-    ap.add_argument("--llama-cpp", type=Path, default=None, help="llama.cpp source tree (for its converter)")
+    ap.add_argument("--llama-cpp", default="vendored",
+                    help="llama.cpp source tree for its converter; 'vendored' (default): the one llama-cpp-python "
+                         "vendors; 'none': our f16 file as the first step")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="V")
     ap.add_argument("--no-rmse", action="store_true", help="skip the weight-error columns")
     ap.add_argument("--json", type=Path, default=None)
@@ -117,9 +122,11 @@ def main() -> None:
                      "bits_per_weight": round(inspect_gguf(out)["bits_per_weight"], 3),
                      "rmse": None, "rmse_ggml_ref": None, "x_copy_time": round(wall / copy_s, 2), "_out": out})
     f16_in, f16_s = args.workdir / "out-f16.gguf", next((r["seconds"] for r in rows if r["variant"] == "f16"), None)
-    if args.llama_cpp:
+    llama_cpp = None if args.llama_cpp == "none" else (
+        llama_cpp_source(args.workdir) if args.llama_cpp == "vendored" else Path(args.llama_cpp))
+    if llama_cpp is not None:
         f16_in = args.workdir / "llamacpp-f16.gguf"
-        cmd = [PY, str(args.llama_cpp / "convert_hf_to_gguf.py"), str(src), "--outfile", str(f16_in), "--outtype", "f16"]
+        cmd = [PY, str(llama_cpp / "convert_hf_to_gguf.py"), str(src), "--outfile", str(f16_in), "--outtype", "f16"]
         f16_s, rss = median_of(args.repeats, lambda: run_measured(cmd))
         rows.append({"tool": "llama.cpp convert_hf_to_gguf.py", "variant": "f16", "seconds": round(f16_s, 2),
                      "peak_rss_mb": round(rss), "file_mb": round(f16_in.stat().st_size / 1e6, 1),

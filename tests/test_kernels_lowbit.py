@@ -129,7 +129,7 @@ def test_q4_0_bytes_equal_ggml_reference():
     assert get_quant_type("q4_0").quantize(x).tobytes() == ggml_quantize(x, get_quant_type("q4_0").ggml_type).tobytes()
 
 
-@pytest.mark.parametrize("dist", ["normal", "student_t3", "half_zero"])
+@pytest.mark.parametrize("dist", ["normal", "student_t3", "half_zero", "wide_range"])
 def test_q6_k_bytes_equal_ggml_reference(dist):
     """Q6_K is ggml's reference quantizer to the byte (ggml-base on x86-64 does not fuse
     multiply-adds; the fused variant, as a clang arm64 build computes it, differs in a few
@@ -138,7 +138,9 @@ def test_q6_k_bytes_equal_ggml_reference(dist):
 
     rng = np.random.default_rng(11)
     x = {"normal": lambda: rng.normal(size=(48, 1024)) * 0.02, "student_t3": lambda: rng.standard_t(3, size=(48, 1024)),
-         "half_zero": lambda: np.where(rng.random((48, 1024)) < 0.5, 0, rng.normal(size=(48, 1024)))}[dist]()
+         "half_zero": lambda: np.where(rng.random((48, 1024)) < 0.5, 0, rng.normal(size=(48, 1024))),
+         # rows from 1e-12 (cubes in float32's subnormals) to 1e6 (fit sums overflow to inf, as in C)
+         "wide_range": lambda: rng.normal(size=(48, 1024)) * np.logspace(-12, 6, 48)[:, None]}[dist]()
     x = x.astype(np.float32)
     x[0, :256] = 0.0  # an all-zero super-block: zero bytes
     x[1, :16] = 0.0   # an all-zero sub-block

@@ -58,7 +58,7 @@ class QuantType:
         raise NotImplementedError(f"{cls.__name__} must implement quantize")
 
     @classmethod
-    def quantize_rows(cls, x: np.ndarray, chunk_elems: int = 1 << 20) -> np.ndarray:
+    def quantize_rows(cls, x: np.ndarray, chunk_elems: int = 1 << 18) -> np.ndarray:
         """`quantize` over a 2-D array a band of rows at a time, so temporaries stay around
         `chunk_elems` floats per worker instead of growing with the tensor (token_embd of GPT-2
         is 38.6M); bands run on a few threads (numpy releases the GIL in its loops)."""

@@ -45,6 +45,18 @@ def _sq_error(sxx, sx, sq, sq2, sqx, n, scale, mins):
             + 2 * scale * mins * sq)
 
 
+ONES = np.ones(32, np.float32)
+
+
+def _row_sums(a: np.ndarray) -> np.ndarray:
+    """Sum of each 32-weight row: a matrix-vector product (BLAS) is ~10x numpy's short-axis sum."""
+    return a @ ONES
+
+
+def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", a, b)
+
+
 def _fit_subblocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, 32) -> (scale (N,), neg_min (N,)) with x ~= scale * q - neg_min, q in 0..15."""
     mn = np.minimum(x.min(axis=1), 0)
@@ -55,12 +67,15 @@ def _fit_subblocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     best_min = mn.astype(np.float32)
     best_err = np.full(x.shape[0], np.inf, np.float32)
     n = np.float32(x.shape[1])
-    sum_x, sum_xx = x.sum(axis=1), (x * x).sum(axis=1)
+    sum_x, sum_xx = _row_sums(x), _row_dots(x, x)
     shifted = x - mn[:, None]
+    q = np.empty_like(x)
     for step in range(N_STEPS + 1):
         iscale = (R_MIN + R_DELTA * step + 15) / safe
-        q = np.clip(np.rint(shifted * iscale[:, None]), 0, 15)
-        sl, sl2, sxl = q.sum(axis=1), (q * q).sum(axis=1), (q * x).sum(axis=1)
+        np.multiply(shifted, iscale[:, None], out=q)
+        np.rint(q, out=q)
+        np.clip(q, 0, 15, out=q)
+        sl, sl2, sxl = _row_sums(q), _row_dots(q, q), _row_dots(q, x)
         det = n * sl2 - sl * sl
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = (n * sxl - sum_x * sl) / det
@@ -80,7 +95,10 @@ def _codes(x: np.ndarray, dl: np.ndarray, ml: np.ndarray) -> np.ndarray:
     """Codes for (N, 32) given effective scale dl and min ml per sub-block (ggml's final pass)."""
     with np.errstate(divide="ignore"):
         inv = np.where(dl > 0, 1 / dl, 0).astype(np.float32)
-    return np.clip(np.rint((x + ml[:, None]) * inv[:, None]), 0, 15)
+    q = x + ml[:, None]
+    q *= inv[:, None]
+    np.rint(q, out=q)
+    return np.clip(q, 0, 15, out=q)
 
 
 def _quantize_superblocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -93,34 +111,34 @@ def _quantize_superblocks(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
     with np.errstate(divide="ignore"):
         inv_s = np.where(max_scale > 0, 63 / max_scale, 0)
         inv_m = np.where(max_min > 0, 63 / max_min, 0)
-    sc = np.minimum(np.rint(inv_s[:, None] * scale), 63)
-    m = np.minimum(np.rint(inv_m[:, None] * negmin), 63)
+    sc = np.minimum(np.rint(inv_s[:, None] * scale), 63).reshape(-1)
+    m = np.minimum(np.rint(inv_m[:, None] * negmin), 63).reshape(-1)
     d = (max_scale / 63).astype(np.float16).astype(np.float32)
     dmin = (max_min / 63).astype(np.float16).astype(np.float32)
+    d_sub, dmin_sub = np.repeat(d, 8), np.repeat(dmin, 8)
 
-    # Refinement: try sc +-1 or m +-1 per sub-block with codes re-rounded; keep the best.
+    # Refinement: try sc +-1 or m +-1 per sub-block with codes re-rounded; keep the best
+    # (scale, min) pair, then round the codes once against it.
     n = np.float32(32)
-    sum_x, sum_xx = sub.sum(axis=1), (sub * sub).sum(axis=1)
+    sum_x, sum_xx = _row_sums(sub), _row_dots(sub, sub)
 
-    def err_of(sc_try: np.ndarray, m_try: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        dl = (d[:, None] * sc_try).reshape(-1)
-        ml = (dmin[:, None] * m_try).reshape(-1)
+    def err_of(sc_try: np.ndarray, m_try: np.ndarray) -> np.ndarray:
+        dl, ml = d_sub * sc_try, dmin_sub * m_try
         q = _codes(sub, dl, ml)
-        e = _sq_error(sum_xx, sum_x, q.sum(axis=1), (q * q).sum(axis=1), (q * sub).sum(axis=1), n, dl, -ml)
-        return e, q
+        return _sq_error(sum_xx, sum_x, _row_sums(q), _row_dots(q, q), _row_dots(q, sub), n, dl, -ml)
 
-    best_e, best_q = err_of(sc, m)
-    best_sc, best_m = sc.reshape(-1).copy(), m.reshape(-1).copy()
+    best_e = err_of(sc, m)
+    best_sc, best_m = sc.copy(), m.copy()
     for ds, dm in REFINE_MOVES:
         sc_t = np.clip(sc + ds, 0, 63)
         m_t = np.clip(m + dm, 0, 63)
-        e, q = err_of(sc_t, m_t)
+        e = err_of(sc_t, m_t)
         better = e < best_e
         best_e = np.where(better, e, best_e)
-        best_q = np.where(better[:, None], q, best_q)
-        best_sc = np.where(better, sc_t.reshape(-1), best_sc)
-        best_m = np.where(better, m_t.reshape(-1), best_m)
-    return d, dmin, best_sc.reshape(nb, 8), best_m.reshape(nb, 8), best_q.reshape(nb, QK_K)
+        best_sc = np.where(better, sc_t, best_sc)
+        best_m = np.where(better, m_t, best_m)
+    q = _codes(sub, d_sub * best_sc, dmin_sub * best_m)
+    return d, dmin, best_sc.reshape(nb, 8), best_m.reshape(nb, 8), q.reshape(nb, QK_K)
 
 
 def pack_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:

@@ -45,8 +45,16 @@ def _fma(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
     return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
 
 
-def _mul_add(a: np.ndarray, b: np.ndarray, c: np.ndarray, fused: bool) -> np.ndarray:
-    return _fma(a, b, c) if fused else (c + a * b).astype(np.float32)
+def _mul_add(a, b, c, fused: bool):
+    return _fma(a, b, c) if fused else np.float32(c + a * b)
+
+
+def _accumulate(a: np.ndarray, b: np.ndarray, c: np.ndarray, fused: bool) -> None:
+    """c += a * b in float32, in place (unfused: the product rounded, then the sum)."""
+    if fused:
+        c[...] = _fma(a, b, c)
+    else:
+        c += a * b
 
 
 def _nearest(x: np.ndarray) -> np.ndarray:
@@ -54,16 +62,21 @@ def _nearest(x: np.ndarray) -> np.ndarray:
 
 
 def _fit(x: np.ndarray, w: np.ndarray, iscale: np.ndarray, fused: bool):
-    """Codes for candidate inverse steps iscale (C, M) and the sums of the weighted fit (C, M),
-    accumulated in ggml's order (float sums depend on it)."""
-    l = np.clip(_nearest(iscale[:, :, None] * x[None]), -NMAX, NMAX - 1)
-    lf = l.astype(np.float32)
+    """Codes (16, C, M) for candidate inverse steps iscale (C, M) and the sums of the weighted
+    fit (C, M), accumulated in ggml's order (float sums depend on it). Weights run along the
+    first axis so each step of the sequential sum reads contiguous rows."""
+    xt, wt = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
+    wxt = wt * xt
+    l = np.empty((x.shape[1], *iscale.shape), np.float32)
     sumlx = np.zeros(iscale.shape, np.float32)
     suml2 = np.zeros(iscale.shape, np.float32)
-    wx = w * x
     for i in range(x.shape[1]):  # sequential, as the C loop
-        sumlx = _mul_add(wx[None, :, i], lf[:, :, i], sumlx, fused)
-        suml2 = _mul_add(w[None, :, i] * lf[:, :, i], lf[:, :, i], suml2, fused)
+        li = l[i]
+        np.multiply(iscale, xt[i], out=li)
+        np.rint(li, out=li)  # nearest_int (round half to even) on float32, exact for |x| < 2^22
+        np.clip(li, -NMAX, NMAX - 1, out=li)
+        _accumulate(wxt[i], li, sumlx, fused)
+        _accumulate(wt[i] * li, li, suml2, fused)
     return l, sumlx, suml2
 
 
@@ -72,10 +85,29 @@ STEPS = [k for k in range(-9, 10) if k != 0]
 SUB_CHUNK = 8192  # sub-blocks fitted at once: (19, 8192, 16) temporaries, a few tens of MB
 
 
+def _exact_choice(x: np.ndarray, iscale: np.ndarray, fused: bool) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's choice: every candidate's sums in ggml's order, then each candidate compared with
+    the best so far (strict '>'). -> (scale (M,), signed codes (M, 16))."""
+    rows = np.arange(x.shape[0])
+    l, sumlx, suml2 = _fit(x, x * x, iscale, fused)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = (sumlx / suml2).astype(np.float32)
+    scale = np.where(suml2[0] != 0, ratio[0], np.float32(0)).astype(np.float32)
+    best = (scale * sumlx[0]).astype(np.float32)
+    pick = np.zeros(x.shape[0], np.int64)
+    for c in range(1, iscale.shape[0]):
+        with np.errstate(over="ignore", invalid="ignore"):  # huge weights overflow float32, as in C
+            better = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
+        pick = np.where(better, c, pick)
+        scale = np.where(better, ratio[c], scale)
+        best = np.where(better, (ratio[c] * sumlx[c]).astype(np.float32), best)
+    return scale, l[:, pick, rows].T
+
+
 def fit_subblocks(x: np.ndarray, fused: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(M, 16) float32 -> (scale (M,), codes (M, 16) in 0..63): ggml's make_qx_quants(16, 32,
     rmse_type 1) for every sub-block at once, all 19 candidate steps evaluated together and
-    then chosen in ggml's order (each compared with the best so far)."""
+    the one ggml's loop keeps (each compared with the best so far) chosen."""
     if x.shape[0] > SUB_CHUNK:
         parts = [fit_subblocks(x[i : i + SUB_CHUNK], fused) for i in range(0, x.shape[0], SUB_CHUNK)]
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
@@ -87,19 +119,9 @@ def fit_subblocks(x: np.ndarray, fused: bool = False) -> tuple[np.ndarray, np.nd
     mx = np.where(flat, np.float32(1), mx).astype(np.float32)
     nums = [np.float32(NMAX)] + [_mul_add(np.float32(0.1), np.float32(k), np.float32(NMAX), fused) for k in STEPS]
     iscale = np.stack([(-n / mx).astype(np.float32) for n in nums])  # -nmax / max, -(nmax + 0.1f*is) / max
-    l, sumlx, suml2 = _fit(x, x * x, iscale, fused)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = (sumlx / suml2).astype(np.float32)
-    scale = np.where(suml2[0] != 0, ratio[0], np.float32(0)).astype(np.float32)
-    best = (scale * sumlx[0]).astype(np.float32)
-    pick = np.zeros(x.shape[0], np.int64)
-    for c in range(1, len(nums)):
-        better = (suml2[c] > 0) & (sumlx[c] * sumlx[c] > best * suml2[c])
-        pick = np.where(better, c, pick)
-        scale = np.where(better, ratio[c], scale)
-        best = np.where(better, (ratio[c] * sumlx[c]).astype(np.float32), best)
+    scale, l = _exact_choice(x, iscale, fused)
     scale = np.where(flat, np.float32(0), scale).astype(np.float32)
-    codes = np.where(flat[:, None], 0, l[pick, rows] + NMAX)
+    codes = np.where(flat[:, None], 0, l.astype(np.int32) + NMAX)
     return scale, codes
 
 
