@@ -11,7 +11,7 @@ from typing import Any, Callable
 import click
 
 from . import __version__
-from .errors import Gpt2cubeError
+from .errors import Gpt2cubeError, InputError
 from .eval.spam import SPLITS as SPAM_SPLITS
 from .finetune.loop import TASKS as FT_TASKS
 from .kernels import QUANT_TYPES
@@ -543,8 +543,11 @@ def finetune(src, out, task, corpus, holdout, exclude, data, split_name, qat, em
 @main.command()
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the pruned checkpoint.")
-@click.option("--ffn", required=True, type=float,
+@click.option("--ffn", type=float, default=None,
               help="FFN neurons removed from every layer: a fraction below 1 (0.25) or a count (256).")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
+              help="Take --ffn, --importance, --multiple-of, --calib-tokens, --seed from the file's [prune] table "
+                   "(options given here win); e.g. recipes/gpt2-124m-63mb.toml.")
 @click.option("--importance", type=click.Choice(["activation", "taylor", "magnitude", "random"]), default="activation",
               show_default=True, help="activation: E[(a - c)^2] ||W_down row||^2; taylor: |sum (a - c) dL/da|; "
                                       "magnitude: ||W_up col|| ||W_down row||; random: seeded.")
@@ -560,8 +563,9 @@ def finetune(src, out, task, corpus, holdout, exclude, data, split_name, qat, em
 @click.option("--force", is_flag=True, help="Replace a checkpoint already in OUT.")
 @click.option("--json", "as_json", is_flag=True)
 @_fail_cleanly
-def prune(src, out, ffn, importance, calib, calib_tokens, ctx, multiple_of, no_bias_compensation, seed, force,
-          as_json) -> None:
+@click.pass_context
+def prune(cctx, src, out, ffn, recipe_file, importance, calib, calib_tokens, ctx, multiple_of, no_bias_compensation,
+          seed, force, as_json) -> None:
     """Remove the least important FFN neurons of the GPT-2 checkpoint SRC, the same number in
     every layer, and write a Hugging Face checkpoint (smaller n_inner) that `convert` and
     `finetune --distill SRC` take.
@@ -572,7 +576,21 @@ def prune(src, out, ffn, importance, calib, calib_tokens, ctx, multiple_of, no_b
     zeros (no smaller file, no faster run)."""
     from .prune import PruneConfig
     from .prune import prune as run_prune
+    from .prune.recipe import load_prune_recipe
 
+    if recipe_file is not None:
+        given = {k for k in ("ffn", "importance", "multiple_of", "calib_tokens", "seed")
+                 if cctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+        for key, value in load_prune_recipe(recipe_file).items():
+            if key not in given:
+                cctx.params[key] = value
+        ffn, importance, multiple_of = cctx.params["ffn"], cctx.params["importance"], cctx.params["multiple_of"]
+        calib_tokens, seed = cctx.params["calib_tokens"], cctx.params["seed"]
+    if ffn is None:
+        raise InputError("--ffn is required (a fraction below 1 or a count of neurons), or --recipe FILE with [prune] ffn")
+    if importance not in ("activation", "taylor", "magnitude", "random"):
+        raise InputError(f"{recipe_file}: [prune] importance = {importance!r}; expected activation, taylor, magnitude "
+                         "or random")
     cfg = PruneConfig(src=str(src), out=str(out), ffn=ffn, importance=importance, calib=[str(c) for c in calib],
                       calib_tokens=calib_tokens, ctx=ctx, multiple_of=multiple_of, compensate=not no_bias_compensation,
                       seed=seed)

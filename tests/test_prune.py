@@ -237,3 +237,51 @@ def test_recovery_by_distillation_from_the_unpruned_model(src, corpus, tmp_path)
     rows = [json.loads(line) for line in (tmp_path / "ft" / "train_log.jsonl").read_text().splitlines()]
     assert s["best"]["val_loss"] < rows[0]["val_loss"]
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["n_inner"] == 128
+
+
+RECIPE_63MB = Path(__file__).resolve().parents[1] / "recipes" / "gpt2-124m-63mb.toml"
+
+
+def test_recipe_supplies_the_options_and_the_command_line_wins(src, tmp_path):
+    """The shipped 63 MB recipe's [prune] table drives `prune` (a third of the FFN: 256 -> 171
+    kept, 160 after rounding down to its multiple of 32); an option given on the command line
+    overrides the file. Weight-only importance keeps the test free of calibration text."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE_63MB.read_text().replace('importance = "activation"', 'importance = "magnitude"'))
+    base = ["prune", str(src), "--recipe", str(recipe), "--no-bias-compensation", "--json"]
+    res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["kept_per_layer"] == 160 and summary["config"]["importance"] == "magnitude"
+    res = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "b"), "--ffn", "64"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["kept_per_layer"] == 192
+
+
+def test_convert_reads_the_recipe_types_and_ignores_prune(tmp_path):
+    """The same file as `convert --recipe`: every weight matrix in Q4_K (a random checkpoint
+    whose FFN width is the recipe's 124M result, 2048 = 8 x 256 at 64 wide)."""
+    m = make_random_gpt2(tmp_path / "m", n_layer=1, n_embd=256, n_head=4, n_positions=64, n_inner=512, seed=2)[0]
+    res = CliRunner().invoke(main, ["convert", str(m), "-o", str(tmp_path / "m.gguf"), "--type", "f16",
+                                    "--recipe", str(RECIPE_63MB), "--quiet"])
+    assert res.exit_code == 0, res.output
+    types = {t.name: t.tensor_type.name for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    assert {types[n] for n in types if n.endswith("weight") and "norm" not in n} == {"Q4_K"}, types
+
+
+@pytest.mark.parametrize("body, message", [
+    ("[types]\n\"*\" = \"q4_k\"\n", "no [prune] table"),
+    ("[prune]\nffn = \"half\"\n", "[prune] ffn = 'half'; expected the fraction below 1 or count"),
+    ("[prune]\nffn = 0.25\nheads = 0.25\n", "[prune] key 'heads' is unknown"),
+    ("[prune]\nffn = 0.25\nimportance = \"loudness\"\n", "[prune] importance = 'loudness'; expected activation"),
+    ("[prune\nffn = 0.25\n", "not valid TOML"),
+])
+def test_bad_recipe_is_one_line(src, tmp_path, body, message):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(body)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["prune", str(src), "--out", str(out), "--recipe", str(recipe),
+                                    "--no-bias-compensation"])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output and str(recipe) in res.output
+    assert not out.exists()
