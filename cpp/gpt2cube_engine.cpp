@@ -6,7 +6,10 @@
 //
 // The graph is llama.cpp's GPT-2 (src/models/gpt2.cpp, read, not copied): pre-norm blocks,
 // fused QKV, causal soft-max attention scaled by 1/sqrt(hd), GELU FFN, tied or separate head.
-// KV cache in f32. The routed FFN: router margins m = W x + b (d, n); vertex = argmax over V of
+// KV cache in f16 (llama.cpp's default) or f32, written with ggml_set_rows at positions given as
+// an input, so one graph serves every step of a generation: graphs are cached by (tokens per
+// call, path, radius, logits wanted, padded KV length) and reused without rebuilding or
+// re-allocating, as llama.cpp reuses its graphs. The routed FFN: router margins m = W x + b (d, n); vertex = argmax over V of
 // S^T sgn(m), where S[k, v] = +1 if bit k of v is set, else -1 (the vertex whose bits agree with
 // every sign; a zero margin ties and argmax takes the lower id, i.e. bit 0 = [m > 0]); the ball
 // table maps each vertex to the B group ids; ffn_up rows and ffn_down columns of group v are
@@ -48,7 +51,7 @@ struct layer {
     ggml_tensor *ffn_norm, *ffn_norm_b, *up, *up_b, *down, *down_b;
     ggml_tensor *down_exps = nullptr;                          // [g, E, V]
     ggml_tensor *router_w = nullptr, *router_b = nullptr;      // [E, d], [d]
-    ggml_tensor *k_cache = nullptr, *v_cache = nullptr;        // [E, n_ctx] f32
+    ggml_tensor *k_cache = nullptr, *v_cache = nullptr;        // [E, n_ctx] kv_type
 };
 
 bool supported_weight_type(ggml_type t) {
@@ -69,6 +72,7 @@ struct g2c_engine {
     float eps = 1e-5f;
     int dim = 0, n_vertices = 0, group = 0;
     int n_past = 0;
+    ggml_type kv_type = GGML_TYPE_F16;
 
     gguf_context * gguf = nullptr;
     ggml_context * wctx = nullptr;   // tensors from the file (metadata only, no_alloc)
@@ -87,7 +91,28 @@ struct g2c_engine {
                                                 // only for the radii the masked path runs (else null)
     int graph_size = 0;                         // nodes of the largest graph build() makes
 
+    // The graph of the last call, kept with its context and allocation for the next call with
+    // the same key (a generation step after a generation step).
+    struct graph_key {
+        int n, radius, n_kv;
+        bool experts, all_logits;
+        bool operator==(const graph_key & o) const {
+            return n == o.n && radius == o.radius && n_kv == o.n_kv && experts == o.experts && all_logits == o.all_logits;
+        }
+    };
+    struct graph_io {
+        ggml_tensor *tokens, *pos, *kv_idx, *mask, *logits;
+        std::vector<ggml_tensor *> vertex;
+    };
+    ggml_context * gctx = nullptr;
+    ggml_cgraph * cached_gf = nullptr;
+    graph_key cached_key = {0, 0, 0, false, false};
+    graph_io cached_io;
+    int n_builds = 0;                           // graphs built (a test checks the reuse)
+    static constexpr int kKvPad = 256;          // KV length padded to this, as llama.cpp pads
+
     ~g2c_engine() {
+        if (gctx) ggml_free(gctx);
         if (sched) ggml_backend_sched_free(sched);
         for (auto b : buffers) ggml_backend_buffer_free(b);
         if (xctx) ggml_free(xctx);
@@ -270,7 +295,7 @@ struct g2c_engine {
                     ggml_context * c = ggml_init(p);
                     std::unique_ptr<ggml_context, void (*)(ggml_context *)> guard(c, ggml_free);
                     graph_io io;
-                    ggml_cgraph * gf = build(c, n, radius, experts, true, io);
+                    ggml_cgraph * gf = build(c, n, n, radius, experts, true, io);
                     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
                         ggml_tensor * node = ggml_graph_node(gf, i);
                         if (!ggml_backend_dev_supports_op(dev, node)) return node;
@@ -285,8 +310,8 @@ struct g2c_engine {
         xctx = ggml_init(p);
         for (int i = 0; i < n_layer; ++i) {
             layer & L = layers[i];
-            L.k_cache = ggml_new_tensor_2d(xctx, GGML_TYPE_F32, n_embd, n_ctx);
-            L.v_cache = ggml_new_tensor_2d(xctx, GGML_TYPE_F32, n_embd, n_ctx);
+            L.k_cache = ggml_new_tensor_2d(xctx, kv_type, n_embd, n_ctx);
+            L.v_cache = ggml_new_tensor_2d(xctx, kv_type, n_embd, n_ctx);
             if (dim) {
                 L.down_exps = ggml_new_tensor_3d(xctx, L.down->type, group, n_embd, n_vertices);
                 L.router_w = ggml_new_tensor_2d(xctx, GGML_TYPE_F32, n_embd, dim);
@@ -384,11 +409,6 @@ struct g2c_engine {
     }
 
     // ---- graph ------------------------------------------------------------------------------
-    struct graph_io {
-        ggml_tensor *tokens, *pos, *mask, *logits;
-        std::vector<ggml_tensor *> vertex;
-    };
-
     ggml_tensor * norm(ggml_context * c, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b) const {
         return ggml_add(c, ggml_mul(c, ggml_norm(c, x, eps), w), b);
     }
@@ -445,13 +465,20 @@ struct g2c_engine {
         return ggml_add(c, ggml_reshape_2d(c, sum, n_embd, n), L.down_b);
     }
 
-    ggml_cgraph * build(ggml_context * c, int n, int radius, bool experts, bool all_logits, graph_io & io) const {
-        const int E = n_embd, H = n_head, hd = E / H, n_kv = n_past + n;
+    // KV positions the graph for n new tokens after n_past cached ones attends over: padded up
+    // to kKvPad so that consecutive generation steps share one graph (the mask hides the rest).
+    int padded_kv(int n) const {
+        return std::min(n_ctx, (n_past + n + kKvPad - 1) / kKvPad * kKvPad);
+    }
+
+    ggml_cgraph * build(ggml_context * c, int n, int n_kv, int radius, bool experts, bool all_logits, graph_io & io) const {
+        const int E = n_embd, H = n_head, hd = E / H;
         ggml_cgraph * gf = ggml_new_graph_custom(c, graph_size, false);
         io.tokens = ggml_new_tensor_1d(c, GGML_TYPE_I32, n);
         io.pos = ggml_new_tensor_1d(c, GGML_TYPE_I32, n);
+        io.kv_idx = ggml_new_tensor_1d(c, GGML_TYPE_I64, n);
         io.mask = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_kv, n);
-        for (ggml_tensor * t : {io.tokens, io.pos, io.mask}) ggml_set_input(t);
+        for (ggml_tensor * t : {io.tokens, io.pos, io.kv_idx, io.mask}) ggml_set_input(t);
         ggml_tensor * x = ggml_add(c, ggml_get_rows(c, tok_embd, io.tokens), ggml_get_rows(c, pos_embd, io.pos));
         const bool routed = dim && (experts || (radius >= 0 && radius < dim));
         const int r = radius < 0 || radius > dim ? dim : radius;
@@ -462,11 +489,11 @@ struct g2c_engine {
             ggml_tensor * q = ggml_view_3d(c, qkv, hd, H, n, hd * sizeof(float), qkv->nb[1], 0);
             ggml_tensor * k = ggml_view_2d(c, qkv, E, n, qkv->nb[1], E * sizeof(float));
             ggml_tensor * v = ggml_view_2d(c, qkv, E, n, qkv->nb[1], 2 * E * sizeof(float));
-            // append K and V at positions n_past.. of the cache; these copies run before the reads
-            ggml_build_forward_expand(gf, ggml_cpy(c, k, ggml_view_2d(c, L.k_cache, E, n, L.k_cache->nb[1], n_past * L.k_cache->nb[1])));
-            ggml_build_forward_expand(gf, ggml_cpy(c, v, ggml_view_2d(c, L.v_cache, E, n, L.v_cache->nb[1], n_past * L.v_cache->nb[1])));
-            ggml_tensor * K = ggml_permute(c, ggml_view_3d(c, L.k_cache, hd, H, n_kv, hd * sizeof(float), L.k_cache->nb[1], 0), 0, 2, 1, 3);  // [hd, n_kv, H]
-            ggml_tensor * V = ggml_cont(c, ggml_permute(c, ggml_view_3d(c, L.v_cache, hd, H, n_kv, hd * sizeof(float), L.v_cache->nb[1], 0), 1, 2, 0, 3));  // [n_kv, hd, H]
+            // write K and V at the rows kv_idx (n_past..) of the cache; these run before the reads
+            ggml_build_forward_expand(gf, ggml_set_rows(c, L.k_cache, k, io.kv_idx));
+            ggml_build_forward_expand(gf, ggml_set_rows(c, L.v_cache, v, io.kv_idx));
+            ggml_tensor * K = ggml_permute(c, ggml_view_3d(c, L.k_cache, hd, H, n_kv, ggml_row_size(kv_type, hd), L.k_cache->nb[1], 0), 0, 2, 1, 3);  // [hd, n_kv, H]
+            ggml_tensor * V = ggml_cont(c, ggml_permute(c, ggml_view_3d(c, L.v_cache, hd, H, n_kv, ggml_row_size(kv_type, hd), L.v_cache->nb[1], 0), 1, 2, 0, 3));  // [n_kv, hd, H]
             ggml_tensor * Q = ggml_permute(c, q, 0, 2, 1, 3);                                // [hd, n, H]
             ggml_tensor * kq = ggml_soft_max_ext(c, ggml_mul_mat(c, K, Q), io.mask, 1.0f / sqrtf((float) hd), 0.0f);  // [n_kv, n, H]
             ggml_tensor * o = ggml_permute(c, ggml_mul_mat(c, V, kq), 0, 2, 1, 3);          // [hd, H, n]
@@ -529,24 +556,37 @@ struct g2c_engine {
     // One micro-batch of u tokens; vertices (layer-major, row stride `stride`) at this batch's offset.
     void eval_batch(const int32_t * tokens, int u, int radius, bool experts, bool all_logits, float * logits,
                     int32_t * vertices, int stride) {
-        ggml_init_params p = {ggml_tensor_overhead() * graph_size + ggml_graph_overhead_custom(graph_size, false), nullptr, true};
-        ggml_context * c = ggml_init(p);
-        if (!c) throw error("cannot allocate the graph's context");
-        std::unique_ptr<ggml_context, void (*)(ggml_context *)> guard(c, ggml_free);
-        graph_io io;
-        ggml_cgraph * gf = build(c, u, radius, experts, all_logits, io);
-        ggml_backend_sched_reset(sched);
-        if (!ggml_backend_sched_alloc_graph(sched, gf)) throw error("cannot allocate the compute graph");
+        const int n_kv = padded_kv(u);
+        const graph_key k = {u, radius, n_kv, experts, all_logits};
+        if (!cached_gf || !(k == cached_key)) {
+            if (gctx) ggml_free(gctx);
+            cached_gf = nullptr;
+            ggml_init_params p = {ggml_tensor_overhead() * graph_size + ggml_graph_overhead_custom(graph_size, false), nullptr, true};
+            gctx = ggml_init(p);
+            if (!gctx) throw error("cannot allocate the graph's context");
+            cached_io = graph_io();
+            ggml_cgraph * gf = build(gctx, u, n_kv, radius, experts, all_logits, cached_io);
+            ggml_backend_sched_reset(sched);
+            if (!ggml_backend_sched_alloc_graph(sched, gf)) throw error("cannot allocate the compute graph");
+            cached_gf = gf;
+            cached_key = k;
+            ++n_builds;
+        }
+        const graph_io & io = cached_io;
         std::vector<int32_t> pos(u);
-        for (int i = 0; i < u; ++i) pos[i] = n_past + i;
-        const int n_kv = n_past + u;
+        std::vector<int64_t> idx(u);
+        for (int i = 0; i < u; ++i) pos[i] = n_past + i, idx[i] = n_past + i;
         std::vector<float> mask((size_t) n_kv * u);
         for (int i = 0; i < u; ++i)
             for (int j = 0; j < n_kv; ++j) mask[(size_t) i * n_kv + j] = j <= n_past + i ? 0.0f : -INFINITY;
         ggml_backend_tensor_set(io.tokens, tokens, 0, u * sizeof(int32_t));
         ggml_backend_tensor_set(io.pos, pos.data(), 0, u * sizeof(int32_t));
+        ggml_backend_tensor_set(io.kv_idx, idx.data(), 0, u * sizeof(int64_t));
         ggml_backend_tensor_set(io.mask, mask.data(), 0, mask.size() * sizeof(float));
-        if (ggml_backend_sched_graph_compute(sched, gf) != GGML_STATUS_SUCCESS) throw error("graph computation failed");
+        if (ggml_backend_sched_graph_compute(sched, cached_gf) != GGML_STATUS_SUCCESS) {
+            cached_gf = nullptr;  // rebuilt next time
+            throw error("graph computation failed");
+        }
         n_past += u;
         if (logits) ggml_backend_tensor_get(io.logits, logits, 0, ggml_nbytes(io.logits));
         if (vertices)
@@ -560,11 +600,15 @@ extern "C" {
 
 const char * g2c_last_error(void) { return g_error.c_str(); }
 
-g2c_engine * g2c_load(const char * path, int32_t n_ctx, int32_t n_threads, const char * device) {
+g2c_engine * g2c_load(const char * path, int32_t n_ctx, int32_t n_threads, const char * device, const char * kv_type) {
     g_error.clear();
     auto e = std::make_unique<g2c_engine>();
     try {
         e->path = path ? path : "";
+        const std::string kv = kv_type ? kv_type : "f16";
+        if (kv == "f16") e->kv_type = GGML_TYPE_F16;
+        else if (kv == "f32") e->kv_type = GGML_TYPE_F32;
+        else throw error(fmt("KV cache type '%s'; expected f16 or f32", kv.c_str()));
         FILE * f = fopen(e->path.c_str(), "rb");
         if (!f) throw error(fmt("%s: no such file", e->path.c_str()));
         fclose(f);
@@ -596,6 +640,7 @@ int32_t g2c_n_ctx(const g2c_engine * e) { return e->n_ctx; }
 int32_t g2c_n_layer(const g2c_engine * e) { return e->n_layer; }
 int32_t g2c_n_past(const g2c_engine * e) { return e->n_past; }
 int32_t g2c_cube_dim(const g2c_engine * e) { return e->dim; }
+int32_t g2c_n_graph_builds(const g2c_engine * e) { return e->n_builds; }
 const char * g2c_backend_name(const g2c_engine * e) { return ggml_backend_name(e->backend); }
 void g2c_reset(g2c_engine * e) { e->n_past = 0; }
 

@@ -54,10 +54,12 @@ def cube_file(checkpoints, cube_dir, calib_file):
     return get
 
 
-def _model(path: Path, **kw):
+def _model(path: Path, kv_type: str = "f32", **kw):
+    """f32 KV cache unless asked: the references (llama.cpp as llama_logits_no_repack runs it,
+    torch) keep K and V in f32."""
     from gpt2cube.engine.binding import RoutedModel
 
-    return RoutedModel(path, n_threads=2, **kw)
+    return RoutedModel(path, n_threads=2, kv_type=kv_type, **kw)
 
 
 @pytest.mark.parametrize("qtype", TYPES)
@@ -73,13 +75,41 @@ def test_dense_mode_equals_llama_cpp(engine_lib, cube_file, prompt_tokens, qtype
     assert np.abs(got - ref).max() / ref.std() < 2e-3
 
 
+@pytest.mark.parametrize("qtype", ["f32", "q4_k", "tq2_0"])
+def test_f16_kv_cache_equals_llama_cpp_with_its_f16_cache(engine_lib, cube_file, prompt_tokens, qtype):
+    """The engine's default KV cache is f16, as llama.cpp's: with both in f16 the same bound holds
+    (the f16 rounding of K and V alone moves these logits by about 5e-3 x std)."""
+    path = cube_file(qtype)
+    ref = llama_logits_no_repack(path, prompt_tokens, kv_type="f16")
+    with _model(path, kv_type="f16") as m:
+        got, _ = m.eval(prompt_tokens)
+    assert np.abs(got - ref).max() / ref.std() < 2e-3
+
+
+def test_generation_reuses_one_graph(engine_lib, cube_file, prompt_tokens):
+    """One graph for the prompt, one for every single-token step after it (KV length padded to
+    256 covers this model's whole context), and the steps equal the batch."""
+    with _model(cube_file("f32")) as m:
+        whole, _ = m.eval(prompt_tokens)
+        m.reset()
+        builds = m.n_graph_builds
+        m.eval(prompt_tokens[:5])
+        steps = [m.eval([t])[0] for t in prompt_tokens[5:]]
+        assert m.n_graph_builds - builds == 2
+        m.eval([1], 1)  # another path: another graph
+        assert m.n_graph_builds - builds == 3
+        with pytest.raises(InputError, match="KV cache type 'q4_0'; expected f16 or f32"):
+            _model(cube_file("f32"), kv_type="q4_0")
+    assert np.abs(np.concatenate(steps) - whole[5:]).max() / whole.std() < 1e-3
+
+
 @pytest.mark.parametrize("qtype", ["f32", "f16"])
 @pytest.mark.parametrize("radius", [0, 1])
 def test_routed_mode_equals_torch_reference(engine_lib, cube_file, prompt_tokens, qtype, radius):
     path = cube_file(qtype)
     info = read_hypercube(read_gguf(path), path)
     ref, ref_vertices = routed_forward(model_from_gguf(path), info, prompt_tokens, radius)
-    with _model(path) as m:
+    with _model(path, kv_type="f32") as m:  # torch keeps K and V in f32
         got, vertices = m.eval(prompt_tokens, radius, want_vertices=True)
     assert np.array_equal(vertices, ref_vertices)  # the same groups were selected for every token
     # ggml vs torch arithmetic on the same weights (ggml's GELU is an fp16 table; f16 weights
@@ -183,8 +213,8 @@ def test_route_and_routed_perplexity_commands(engine_lib, cube_file, calib_file)
                                   "--max-windows", "3", "--quiet", "--json"])
     stock = json.loads(r.output)[0]
     assert ppl[0]["engine"] == "routed engine, dense" and ppl[2]["engine"] == "routed engine, radius 0 of 2"
-    # dense engine vs stock llama.cpp as `eval perplexity` runs it (f16 KV cache there, f32 here):
-    # measured 0.16 % on this random model, whose PPL (~1.6e5) magnifies any logit difference
+    # dense engine vs stock llama.cpp as `eval perplexity` runs it (f16 KV caches on both sides;
+    # batch sizes differ): this random model's PPL (~1.6e5) magnifies any logit difference
     assert abs(ppl[0]["ppl"] / stock["ppl"] - 1) < 1e-2
     assert ppl[2]["ppl"] != ppl[0]["ppl"]
     r = CliRunner().invoke(main, ["eval", "perplexity", str(path), "--text", str(text), "--radius", "1"])

@@ -73,8 +73,9 @@ def llama_greedy(path: Path, tokens: list[int], n_new: int, *, n_threads: int | 
         llm.close()
 
 
-def llama_logits_no_repack(path: Path, tokens: list[int], *, n_threads: int | None = None) -> np.ndarray:
-    """Like `llama_logits` (f32 KV cache, every position) but with llama.cpp's CPU weight repacking
+def llama_logits_no_repack(path: Path, tokens: list[int], *, n_threads: int | None = None,
+                           kv_type: str = "f32") -> np.ndarray:
+    """Like `llama_logits` (f32 KV cache unless kv_type="f16", every position) but with llama.cpp's CPU weight repacking
     off (`use_extra_bufts = false`): Q4_0/Q4_K weights then run the same ggml kernels as in any
     other ggml program, instead of interleaved 8x8 copies whose activation rounding differs
     (measured 0.015-0.025 x std(logits) apart on a random 2 x 256 model)."""
@@ -90,7 +91,7 @@ def llama_logits_no_repack(path: Path, tokens: list[int], *, n_threads: int | No
             raise GGUFFormatError(f"{path}: llama.cpp could not load the model")
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = cp.n_batch = cp.n_ubatch = max(8, n)
-        cp.type_k = cp.type_v = KV_F32
+        cp.type_k = cp.type_v = {"f32": KV_F32, "f16": KV_F16}[kv_type]
         cp.flash_attn_type = 0  # disabled, as llama-cpp-python's Llama does by default
         cp.n_threads = cp.n_threads_batch = n_threads or default_threads()
         ctx = llama_cpp.llama_init_from_model(model, cp)
