@@ -11,7 +11,9 @@ Quality rows (reference model): the unpruned file (f16 and q4_k), then fraction 
 (bias compensation on; calibration: --calib-tokens tokens of the training books, pg35 and the
 validation books excluded; the seed draws the calibration windows and the random measure;
 magnitude has no seed), then, for the measures named by --recover, the pruned model (seed 0)
-after `finetune --distill` from the unpruned reference (--recover-tokens on the training books);
+after `finetune --distill` from the unpruned reference (--recover-tokens on the training books),
+set beside the control: the unpruned model after the same fine-tuning (more training alone
+lowers this small model's PPL, so "recovered / control" is the cost of pruning itself);
 then the 63 MB recipe (recipes/gpt2-124m-63mb.toml: prune --recipe, recovery, convert --recipe,
 i.e. Q4_K) beside the unpruned q4_k file.
 Columns: held-out PPL (pg35, llama.cpp, --max-windows windows of 512), spam F1 (the model
@@ -154,6 +156,18 @@ def main() -> None:
             "kept_ffn": ffn_width(args.reference)}
     row("unpruned", lambda: (base | {"type": args.type}, gguf_of(args.reference, "unpruned")))
     row("unpruned q4_k", lambda: (base | {"type": "q4_k"}, gguf_of(args.reference, "unpruned-q4_k", "q4_k")))
+
+    def make_control():  # the same fine-tuning on the unpruned model: what recovery's tokens alone buy
+        ctl = wd / "unpruned"
+        if not (ctl / "config.json").exists():
+            ctl.mkdir(exist_ok=True)
+            for f in args.reference.iterdir():
+                if f.is_file():
+                    (ctl / f.name).write_bytes(f.read_bytes())
+        rec, ft = recovered(ctl)
+        return base | {"recovered": True, "type": args.type, **ft}, gguf_of(rec, rec.name)
+    if args.recover:
+        row("unpruned, recovery fine-tuning (control)", make_control)
     for frac in args.fractions:
         for imp in args.measures:
             for seed in ([0] if imp == "magnitude" else args.seeds):
@@ -184,8 +198,11 @@ def main() -> None:
 
     # Speed: after everything else, back to back, one file per shape.
     log("speed ...")
+    control = next((r for r in rows if r["name"].endswith("(control)")), None)
     for r in rows:
         r["ppl_ratio"] = round(r["ppl_pg35"] / rows[0]["ppl_pg35"], 3)
+        if r["recovered"] and control is not None:  # against the same fine-tuning of the unpruned model
+            r["ppl_ratio_vs_control"] = round(r["ppl_pg35"] / control["ppl_pg35"], 3)
     by_shape: dict[tuple, dict] = {}
     for r in rows:
         key = (r["kept_ffn"], r["type"])
@@ -255,7 +272,8 @@ def summarize(rows: list[dict]) -> list[dict]:
             v = np.array([r[key] for r in rs], dtype=float)
             return f"{v.mean():.4g}" + (f" ± {v.std(ddof=1):.2g}" if len(v) > 1 else "")
         out.append({"fraction": frac, "importance": imp, "recovered": rec, "type": typ, "seeds": len(rs),
-                    "ppl_pg35": ms("ppl_pg35"), "ppl_ratio": ms("ppl_ratio"), "spam_f1": ms("spam_f1"),
+                    "ppl_pg35": ms("ppl_pg35"), "ppl_ratio": ms("ppl_ratio"),
+                    "ppl_ratio_vs_control": rs[0].get("ppl_ratio_vs_control", ""), "spam_f1": ms("spam_f1"),
                     "spam_f1_answer": ms("spam_f1_answer"), "kept_ffn": rs[0]["kept_ffn"], "params": rs[0]["params"],
                     "file_mb": rs[0]["file_mb"], "tg_ratio": rs[0]["tg_ratio"], "pp_ratio": rs[0]["pp_ratio"],
                     "_ppl": float(np.mean([r["ppl_pg35"] for r in rs])),
@@ -263,7 +281,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-SUMMARY_COLS = ["fraction", "importance", "recovered", "type", "seeds", "ppl_pg35", "ppl_ratio", "spam_f1",
+SUMMARY_COLS = ["fraction", "importance", "recovered", "type", "seeds", "ppl_pg35", "ppl_ratio", "ppl_ratio_vs_control", "spam_f1",
                 "spam_f1_answer", "kept_ffn", "params", "file_mb", "pp_ratio", "tg_ratio"]
 SHAPE_COLS = ["name", "kept_ffn", "params", "file_mb", "pp_t_s", "pp_ratio", "tg_t_s", "tg_ratio"]
 

@@ -2,7 +2,10 @@
 speed for the dense FFN and each routing radius.
 
     python benchmarks/routed.py [--model models/reference] [--dim 2] [--types q8_0 q4_k]
-                                [--max-windows 40] [--repeats 3] [--out DIR]
+                                [--max-windows 40] [--repeats 3] [--out DIR] [--speed-only]
+
+--speed-only skips the perplexities (for random-weight checkpoints of other shapes, e.g. the 124M
+one benchmarks/convert.py builds: speed does not depend on the weights).
 
 The model is converted with --hypercube-dim D, calibrated on a training book (pg11, never a
 held-out one) with recipes/concepts.txt. Per type: llama.cpp (dense, its default CPU repacking),
@@ -50,6 +53,7 @@ def main() -> None:
     ap.add_argument("--n-gen", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/gpt2cube-routed"))
+    ap.add_argument("--speed-only", action="store_true", help="no perplexities")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from gpt2cube.converter import convert
@@ -81,10 +85,11 @@ def main() -> None:
             llm.eval(p)
         pp, tg = speed(lp, lambda t: llm.eval([t]), prompt, args.n_gen, args.repeats)
         llm.close()
-        ppl = llama_perplexity(path, text, 512, max_windows=args.max_windows, n_threads=args.threads)
+        ppl = None if args.speed_only else llama_perplexity(path, text, 512, max_windows=args.max_windows,
+                                                            n_threads=args.threads).ppl
         base = {"pp": pp, "tg": tg}
         rows.append({"type": qtype, "engine": "llama.cpp (dense)", "radius": "-", "ffn_groups": f"{2**args.dim}/{2**args.dim}",
-                     "ppl": round(ppl.ppl, 2), "pp_tok_s": round(pp, 1), "tg_tok_s": round(tg, 1),
+                     "ppl": ppl and round(ppl, 2), "pp_tok_s": round(pp, 1), "tg_tok_s": round(tg, 1),
                      "pp_vs_llama": 1.0, "tg_vs_llama": 1.0})
         for radius in [None, *range(args.dim)]:
             with RoutedModel(path, n_ctx=args.n_prompt + args.n_gen + 8, n_threads=args.threads) as eng:
@@ -93,13 +98,14 @@ def main() -> None:
                     eng.eval(p, radius, all_logits=False)  # llama.cpp computes the last position's only, too
                 pp, tg = speed(ep, lambda t, eng=eng, radius=radius: eng.eval([t], radius, all_logits=False),
                                prompt, args.n_gen, args.repeats)
-            ppl = routed_perplexity(path, text, 512, radius, max_windows=args.max_windows, n_threads=args.threads)
+            ppl = None if args.speed_only else routed_perplexity(path, text, 512, radius, max_windows=args.max_windows,
+                                                                 n_threads=args.threads).ppl
             used = Hypercube(args.dim).ball_size(args.dim if radius is None else radius)
             rows.append({"type": qtype, "engine": "routed engine", "radius": "dense" if radius is None else radius,
-                         "ffn_groups": f"{used}/{2**args.dim}", "ppl": round(ppl.ppl, 2), "pp_tok_s": round(pp, 1),
+                         "ffn_groups": f"{used}/{2**args.dim}", "ppl": ppl and round(ppl, 2), "pp_tok_s": round(pp, 1),
                          "tg_tok_s": round(tg, 1), "pp_vs_llama": round(pp / base["pp"], 3),
                          "tg_vs_llama": round(tg / base["tg"], 3)})
-    meta = {"model": str(args.model), "dim": args.dim, "threads": args.threads, "repeats": args.repeats,
+    meta = {"model": str(args.model), "kv_cache": "f16 (both)", "dim": args.dim, "threads": args.threads, "repeats": args.repeats,
             "n_prompt": args.n_prompt, "n_gen": args.n_gen, "ppl_text": "pg35 (held out)",
             "ppl_windows": args.max_windows, "calibration": "pg11, 16384 tokens"}
     print_report(rows, meta, args.out / "routed.json")
