@@ -50,6 +50,7 @@ struct layer {
     ggml_tensor *attn_norm, *attn_norm_b, *wqkv, *bqkv, *wo, *bo;
     ggml_tensor *ffn_norm, *ffn_norm_b, *up, *up_b, *down, *down_b;
     ggml_tensor *down_exps = nullptr;                          // [g, E, V]
+    ggml_tensor *up_exps = nullptr;                            // [E, g, V] plain copy when `up` is repacked
     ggml_tensor *router_w = nullptr, *router_b = nullptr;      // [E, d], [d]
     ggml_tensor *k_cache = nullptr, *v_cache = nullptr;        // [E, n_ctx] kv_type
 };
@@ -73,6 +74,8 @@ struct g2c_engine {
     int dim = 0, n_vertices = 0, group = 0;
     int n_past = 0;
     ggml_type kv_type = GGML_TYPE_F16;
+    bool repack = true;   // CPU weight repacking (ggml's extra buffer types), as llama.cpp does by default
+    int n_repacked = 0;
 
     gguf_context * gguf = nullptr;
     ggml_context * wctx = nullptr;   // tensors from the file (metadata only, no_alloc)
@@ -305,7 +308,7 @@ struct g2c_engine {
     }
 
     void create_engine_tensors() {
-        size_t n_extra = (size_t) n_layer * 5 + 16 + 2 * ((size_t) dim + 1);
+        size_t n_extra = (size_t) n_layer * 6 + 16 + 2 * ((size_t) dim + 1);
         ggml_init_params p = {ggml_tensor_overhead() * n_extra, nullptr, true};
         xctx = ggml_init(p);
         for (int i = 0; i < n_layer; ++i) {
@@ -314,6 +317,8 @@ struct g2c_engine {
             L.v_cache = ggml_new_tensor_2d(xctx, kv_type, n_embd, n_ctx);
             if (dim) {
                 L.down_exps = ggml_new_tensor_3d(xctx, L.down->type, group, n_embd, n_vertices);
+                // the expert path reads ffn_up as [E, g, V]: a repacked ffn_up cannot be viewed so
+                if (repack) L.up_exps = ggml_new_tensor_3d(xctx, L.up->type, n_embd, group, n_vertices);
                 L.router_w = ggml_new_tensor_2d(xctx, GGML_TYPE_F32, n_embd, dim);
                 L.router_b = ggml_new_tensor_1d(xctx, GGML_TYPE_F32, dim);
             }
@@ -348,7 +353,8 @@ struct g2c_engine {
                 backend = cpu;
             }
         }
-        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(wctx, backend);
+        if (repack) alloc_repacked();
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(wctx, backend);  // the rest
         if (!buf) throw error(fmt("%s: cannot allocate the weights on %s", path.c_str(), ggml_backend_name(backend)));
         buffers.push_back(buf);
         buf = ggml_backend_alloc_ctx_tensors(xctx, backend);
@@ -368,8 +374,10 @@ struct g2c_engine {
                 fread(data.data(), 1, data.size(), f) != data.size())
                 throw error(fmt("%s: tensor %s: the file is truncated", path.c_str(), t->name));
             ggml_backend_tensor_set(t, data.data(), 0, data.size());
-            for (int i = 0; dim && i < n_layer; ++i)
+            for (int i = 0; dim && i < n_layer; ++i) {
                 if (t == layers[i].down) set_experts(layers[i], data);
+                if (t == layers[i].up && layers[i].up_exps) ggml_backend_tensor_set(layers[i].up_exps, data.data(), 0, data.size());
+            }
         }
         for (int i = 0; dim && i < n_layer; ++i) {
             ggml_backend_tensor_set(layers[i].router_w, rw.data() + (size_t) i * dim * n_embd, 0, ggml_nbytes(layers[i].router_w));
@@ -393,6 +401,48 @@ struct g2c_engine {
                     }
                 ggml_backend_tensor_set(balls[r], ids.data(), 0, ids.size() * sizeof(int32_t));
                 if (ball_masks[r]) ggml_backend_tensor_set(ball_masks[r], mask.data(), 0, mask.size() * sizeof(float));
+            }
+        }
+    }
+
+    // Weights that multiply activations densely (attn_qkv, attn_output, ffn_up, ffn_down, an
+    // untied head; the routed expert path reads its own plain copies, up_exps and down_exps) go
+    // to the first of the CPU's extra buffer types that takes them: ggml's repacked
+    // (interleaved) layouts for Q4_0 / Q4_K / IQ4_NL / Q8_0 where the CPU has the kernels, chosen
+    // as llama.cpp chooses (a dummy buffer of that type, then supports_op on a mul_mat).
+    void alloc_repacked() {
+        if (backend != cpu) return;
+        ggml_backend_dev_t dev = ggml_backend_get_device(cpu);
+        auto get = (ggml_backend_buffer_type_t * (*)(ggml_backend_dev_t))
+            ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_dev_get_extra_bufts");
+        if (!get) return;
+        ggml_backend_buffer_type_t * extra = get(dev);
+        std::vector<ggml_tensor *> cands;
+        for (layer & L : layers) {
+            cands.push_back(L.wqkv);
+            cands.push_back(L.wo);
+            cands.push_back(L.up);
+            cands.push_back(L.down);
+        }
+        if (output != tok_embd) cands.push_back(output);  // a tied head is also get_rows' table
+        ggml_init_params p = {ggml_tensor_overhead() * 4, nullptr, true};
+        for (ggml_tensor * w : cands) {
+            for (ggml_backend_buffer_type_t * b = extra; b && *b; ++b) {
+                ggml_context * c = ggml_init(p);
+                std::unique_ptr<ggml_context, void (*)(ggml_context *)> guard(c, ggml_free);
+                ggml_tensor * op = ggml_mul_mat(c, w, ggml_new_tensor_2d(c, GGML_TYPE_F32, w->ne[0], 512));
+                w->buffer = ggml_backend_buft_alloc_buffer(*b, 0);
+                const bool ok = ggml_backend_dev_supports_op(dev, op);
+                ggml_backend_buffer_free(w->buffer);
+                w->buffer = nullptr;
+                if (!ok) continue;
+                ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(*b, ggml_backend_buft_get_alloc_size(*b, w));
+                if (!buf) break;  // no memory for it there: the plain buffer takes it
+                buffers.push_back(buf);
+                if (ggml_backend_tensor_alloc(buf, w, ggml_backend_buffer_get_base(buf)) != GGML_STATUS_SUCCESS)
+                    throw error(fmt("%s: cannot place %s in %s", path.c_str(), w->name, ggml_backend_buft_name(*b)));
+                ++n_repacked;
+                break;
             }
         }
     }
@@ -455,7 +505,7 @@ struct g2c_engine {
         ggml_tensor * ball = balls[radius];
         const int64_t B = ball->ne[0];
         ggml_tensor * ids = ggml_get_rows(c, ball, *vertex);                             // [B, n] i32
-        ggml_tensor * up = ggml_reshape_3d(c, L.up, n_embd, group, n_vertices);          // [E, g, V]
+        ggml_tensor * up = L.up_exps ? L.up_exps : ggml_reshape_3d(c, L.up, n_embd, group, n_vertices);  // [E, g, V]
         ggml_tensor * h = ggml_mul_mat_id(c, up, ggml_reshape_3d(c, x, n_embd, 1, n), ids);  // [g, B, n]
         h = ggml_add_id(c, h, ggml_reshape_2d(c, L.up_b, group, n_vertices), ids);
         h = ggml_gelu(c, h);
@@ -600,7 +650,8 @@ extern "C" {
 
 const char * g2c_last_error(void) { return g_error.c_str(); }
 
-g2c_engine * g2c_load(const char * path, int32_t n_ctx, int32_t n_threads, const char * device, const char * kv_type) {
+g2c_engine * g2c_load(const char * path, int32_t n_ctx, int32_t n_threads, const char * device, const char * kv_type,
+                      int32_t repack) {
     g_error.clear();
     auto e = std::make_unique<g2c_engine>();
     try {
@@ -609,6 +660,7 @@ g2c_engine * g2c_load(const char * path, int32_t n_ctx, int32_t n_threads, const
         if (kv == "f16") e->kv_type = GGML_TYPE_F16;
         else if (kv == "f32") e->kv_type = GGML_TYPE_F32;
         else throw error(fmt("KV cache type '%s'; expected f16 or f32", kv.c_str()));
+        e->repack = repack != 0;
         FILE * f = fopen(e->path.c_str(), "rb");
         if (!f) throw error(fmt("%s: no such file", e->path.c_str()));
         fclose(f);
@@ -641,6 +693,7 @@ int32_t g2c_n_layer(const g2c_engine * e) { return e->n_layer; }
 int32_t g2c_n_past(const g2c_engine * e) { return e->n_past; }
 int32_t g2c_cube_dim(const g2c_engine * e) { return e->dim; }
 int32_t g2c_n_graph_builds(const g2c_engine * e) { return e->n_builds; }
+int32_t g2c_n_repacked(const g2c_engine * e) { return e->n_repacked; }
 const char * g2c_backend_name(const g2c_engine * e) { return ggml_backend_name(e->backend); }
 void g2c_reset(g2c_engine * e) { e->n_past = 0; }
 

@@ -18,8 +18,9 @@ const char * g2c_last_error(void);
 
 // Load a GPT-2 GGUF. device: "cpu", or "auto" (the best GPU backend ggml has, else the CPU).
 // n_ctx <= 0 means the model's context length. n_threads <= 0: ggml's default.
+// kv_type "f16" (NULL: f16) or "f32"; repack != 0: CPU weight repacking where ggml has it (llama.cpp's default)
 g2c_engine * g2c_load(const char * path, int32_t n_ctx, int32_t n_threads, const char * device,
-                      const char * kv_type);  // kv_type "f16" (NULL: f16) or "f32"
+                      const char * kv_type, int32_t repack);
 void         g2c_free(g2c_engine * e);
 
 int32_t      g2c_n_vocab(const g2c_engine * e);
@@ -28,6 +29,7 @@ int32_t      g2c_n_layer(const g2c_engine * e);
 int32_t      g2c_n_past(const g2c_engine * e);
 int32_t      g2c_cube_dim(const g2c_engine * e);      // 0 when the file has no hypercube
 int32_t      g2c_n_graph_builds(const g2c_engine * e);  // graphs built so far (the rest were reused)
+int32_t      g2c_n_repacked(const g2c_engine * e);      // weight tensors in a repacked CPU layout
 const char * g2c_backend_name(const g2c_engine * e);
 
 // Forget the KV cache (the next g2c_eval starts at position 0).

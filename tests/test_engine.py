@@ -15,7 +15,7 @@ from gguf import GGUFReader, GGUFValueType
 from gpt2cube.cli import main
 from gpt2cube.converter import convert
 from gpt2cube.errors import InputError
-from gpt2cube.eval.llama_runner import llama_logits_no_repack
+from gpt2cube.eval.llama_runner import llama_logits, llama_logits_no_repack
 from gpt2cube.gguf_file import read_gguf
 from gpt2cube.hypercube.build import HypercubeOptions
 from gpt2cube.hypercube.metadata import read_hypercube
@@ -65,14 +65,31 @@ def _model(path: Path, kv_type: str = "f32", **kw):
 @pytest.mark.parametrize("qtype", TYPES)
 def test_dense_mode_equals_llama_cpp(engine_lib, cube_file, prompt_tokens, qtype):
     path = cube_file(qtype)
-    ref = llama_logits_no_repack(path, prompt_tokens)
+    ref = llama_logits(path, prompt_tokens)  # llama.cpp's defaults: CPU weight repacking on
     with _model(path) as m:
         got, verts = m.eval(prompt_tokens)
     assert verts is None
-    # Same ggml kernels on the same file: measured 0 for every type except f16 (up to 1.4e-3 x std
-    # on some prompts, from llama.cpp's batch-size-dependent f16 path). llama.cpp's default CPU
-    # repacking of Q4_0/Q4_K (turned off in this reference) would add 0.015-0.025.
+    # Same ggml kernels on the same file, repacked layouts included: measured 0 for every type
+    # except f16 (up to 1.4e-3 x std on some prompts, from llama.cpp's batch-size-dependent f16
+    # path). Repacked and plain Q4_0/Q4_K differ by 0.015-0.045 (see the next test).
     assert np.abs(got - ref).max() / ref.std() < 2e-3
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_k"])
+def test_repacking_off_equals_llama_cpp_with_it_off(engine_lib, cube_file, checkpoints, tmp_path, prompt_tokens, qtype):
+    """repack=False keeps every weight in ggml's plain layout, as llama.cpp with use_extra_bufts
+    off; by default the four projections of every layer are repacked, hypercube file or not."""
+    path = cube_file(qtype)
+    ref = llama_logits_no_repack(path, prompt_tokens)
+    with _model(path, repack=False) as m:
+        got, _ = m.eval(prompt_tokens)
+        assert m.n_repacked == 0
+    assert np.abs(got - ref).max() / ref.std() < 2e-3
+    for f in (path, tmp_path / "plain.gguf"):
+        if not f.exists():
+            convert(checkpoints["small"][0], f, qtype, progress=False, log=lambda m: None)
+        with _model(f) as m:
+            assert m.n_repacked == 2 * 4  # 2 layers x 4 projections (this CPU has the kernels)
 
 
 @pytest.mark.parametrize("qtype", ["f32", "q4_k", "tq2_0"])
@@ -80,7 +97,7 @@ def test_f16_kv_cache_equals_llama_cpp_with_its_f16_cache(engine_lib, cube_file,
     """The engine's default KV cache is f16, as llama.cpp's: with both in f16 the same bound holds
     (the f16 rounding of K and V alone moves these logits by about 5e-3 x std)."""
     path = cube_file(qtype)
-    ref = llama_logits_no_repack(path, prompt_tokens, kv_type="f16")
+    ref = llama_logits(path, prompt_tokens, kv_f32=False)
     with _model(path, kv_type="f16") as m:
         got, _ = m.eval(prompt_tokens)
     assert np.abs(got - ref).max() / ref.std() < 2e-3
@@ -122,7 +139,7 @@ def test_routed_mode_equals_torch_reference(engine_lib, cube_file, prompt_tokens
 
 @pytest.mark.parametrize("qtype", ["q4_k", "tq2_0"])
 def test_expert_path_at_full_radius_equals_dense(engine_lib, cube_file, prompt_tokens, qtype):
-    with _model(cube_file(qtype)) as m:
+    with _model(cube_file(qtype), repack=False) as m:  # both paths in ggml's plain layouts
         dense, _ = m.eval(prompt_tokens)
         m.reset()
         experts, vertices = m.eval(prompt_tokens, 2, experts=True, want_vertices=True)

@@ -23,9 +23,9 @@ def _lib() -> ctypes.CDLL:
             raise EngineUnavailable(f"{path}: cannot load the engine library ({e})") from None
         P, I, S = ctypes.c_void_p, ctypes.c_int32, ctypes.c_char_p
         for name, res, args in (
-            ("g2c_last_error", S, []), ("g2c_load", P, [S, I, I, S, S]), ("g2c_free", None, [P]),
+            ("g2c_last_error", S, []), ("g2c_load", P, [S, I, I, S, S, I]), ("g2c_free", None, [P]),
             ("g2c_n_vocab", I, [P]), ("g2c_n_ctx", I, [P]), ("g2c_n_layer", I, [P]), ("g2c_n_past", I, [P]),
-            ("g2c_cube_dim", I, [P]), ("g2c_n_graph_builds", I, [P]), ("g2c_backend_name", S, [P]),
+            ("g2c_cube_dim", I, [P]), ("g2c_n_graph_builds", I, [P]), ("g2c_n_repacked", I, [P]), ("g2c_backend_name", S, [P]),
             ("g2c_reset", None, [P]),
             ("g2c_eval", I, [P, ctypes.POINTER(I), I, I, I, I, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(I)]),
         ):
@@ -41,12 +41,15 @@ class EngineClosed(Gpt2cubeError):
 
 class RoutedModel:
     """A GPT-2 GGUF loaded by the engine. `radius=None` (or >= dim) is dense. `kv_type`: the KV
-    cache's type, f16 (llama.cpp's default) or f32 (for exactness checks)."""
+    cache's type, f16 (llama.cpp's default) or f32 (for exactness checks). `repack`: ggml's
+    repacked CPU layouts for the dense-only weights where the CPU has them (llama.cpp's default;
+    off, the same kernels as any ggml program)."""
 
     def __init__(self, path: Path, *, n_ctx: int = 0, n_threads: int = 0, device: str = "cpu",
-                 kv_type: str = "f16") -> None:
+                 kv_type: str = "f16", repack: bool = True) -> None:
         self._lib = _lib()
-        self._h = self._lib.g2c_load(str(path).encode(), n_ctx, n_threads, device.encode(), kv_type.encode())
+        self._h = self._lib.g2c_load(str(path).encode(), n_ctx, n_threads, device.encode(), kv_type.encode(),
+                                     int(repack))
         if not self._h:
             raise InputError(self._lib.g2c_last_error().decode(errors="replace"))
         L = self._lib
@@ -72,6 +75,11 @@ class RoutedModel:
         if not getattr(self, "_h", None):
             raise EngineClosed("the routed model was closed; load the file again")
         return self._h
+
+    @property
+    def n_repacked(self) -> int:
+        """Weight tensors held in a repacked CPU layout."""
+        return self._lib.g2c_n_repacked(self._handle())
 
     @property
     def n_graph_builds(self) -> int:
