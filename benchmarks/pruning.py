@@ -4,7 +4,7 @@ the speed and size of pruned files on the GPT-2 124M shape.
 
     python benchmarks/pruning.py [--workdir DIR] [--reference models/reference]
         [--fractions 0.1 0.25 0.5] [--measures activation taylor magnitude random] [--seeds 0 1]
-        [--recover activation taylor] [--recover-tokens 409600] [--type f16] [--max-windows 40]
+        [--recover activation taylor] [--recover-tokens 409600] [--recover-at 0.1 0.25] [--type f16] [--max-windows 40]
         [--spam-limit N] [--calib-tokens 65536] [--threads 2] [--repeats 3] [--no-124m] [--resume]
 
 Quality rows (reference model): the unpruned file (f16 and q4_k), then fraction x measure x seed
@@ -91,6 +91,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--recover", nargs="*", default=["activation", "taylor"], help="measures whose pruned models are recovered")
     ap.add_argument("--recover-tokens", type=int, default=409_600)
+    ap.add_argument("--recover-at", type=float, nargs="*", default=None,
+                    help="fractions whose pruned models are recovered [default: every --fractions]")
     ap.add_argument("--type", default="f16", help="encoding of the quality rows' files (convert --type)")
     ap.add_argument("--calib-tokens", type=int, default=65_536)
     ap.add_argument("--max-windows", type=int, default=40)
@@ -177,7 +179,7 @@ def main() -> None:
                             "kept_ffn": s["kept_per_layer"], "params": params_of(out)}
                     return info, gguf_of(out, out.name)
                 row(f"{imp} {frac:g} seed {seed}", make)
-                if imp in args.recover and seed == args.seeds[0]:
+                if imp in args.recover and seed == args.seeds[0] and (args.recover_at is None or frac in args.recover_at):
                     def make_rec(frac=frac, imp=imp, seed=seed):
                         rec, ft = recovered(wd / f"{imp}-{frac:g}-s{seed}")
                         info = {"fraction": frac, "importance": imp, "seed": seed, "recovered": True, "type": args.type,
