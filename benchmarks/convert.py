@@ -42,9 +42,8 @@ VARIANTS: dict[str, list[str]] = {
     "tq2_0": ["--type", "tq2_0"],
     "tq1_0": ["--type", "tq1_0"],
     "tq2_0 + q4_k embeddings": ["--type", "tq2_0", "--embed-type", "q4_k"],
-    "recipe gpt2-124m-63mb": ["--type", "q4_k", "--recipe", str(ROOT / "recipes/gpt2-124m-63mb.toml")],
     "recipe ternary-smallest": ["--type", "tq1_0", "--recipe", str(ROOT / "recipes/ternary-smallest.toml")],
-}
+}  # (recipes/gpt2-124m-63mb.toml needs a pruned checkpoint: benchmarks/pruning.py measures it)
 # our type -> llama.cpp ftype for llama_model_quantize (Q4_K -> Q4_K_M, its usual 4-bit K recipe)
 LLAMA_FTYPES = {"q8_0": 7, "q4_0": 2, "q4_k": 15, "q6_k": 18, "tq2_0": 37, "tq1_0": 36}
 
