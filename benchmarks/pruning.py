@@ -147,8 +147,8 @@ def main() -> None:
                               calib_tokens=args.calib_tokens, seed=seed, **kw), force=True, log=log)
         return out, s
 
-    def recovered(ckpt: Path) -> tuple[Path, dict]:
-        rec = ckpt.with_name(f"{ckpt.name}-recovered")
+    def recovered(ckpt: Path, name: str | None = None) -> tuple[Path, dict]:
+        rec = wd / f"{name or ckpt.name}-recovered"
         ft = finetune(FinetuneConfig(src=str(ckpt), out=str(rec), corpus=[str(BOOKS)], holdout=VALIDATION,
                                      exclude=[EVAL_BOOK], tokens=args.recover_tokens, distill=str(args.reference),
                                      distill_weight=0.5), force=True, progress=False, log=log)
@@ -160,13 +160,7 @@ def main() -> None:
     row("unpruned q4_k", lambda: (base | {"type": "q4_k"}, gguf_of(args.reference, "unpruned-q4_k", "q4_k")))
 
     def make_control():  # the same fine-tuning on the unpruned model: what recovery's tokens alone buy
-        ctl = wd / "unpruned"
-        if not (ctl / "config.json").exists():
-            ctl.mkdir(exist_ok=True)
-            for f in args.reference.iterdir():
-                if f.is_file():
-                    (ctl / f.name).write_bytes(f.read_bytes())
-        rec, ft = recovered(ctl)
+        rec, ft = recovered(args.reference, "unpruned")
         return base | {"recovered": True, "type": args.type, **ft}, gguf_of(rec, rec.name)
     if args.recover:
         row("unpruned, recovery fine-tuning (control)", make_control)

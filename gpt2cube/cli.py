@@ -588,9 +588,6 @@ def prune(cctx, src, out, ffn, recipe_file, importance, calib, calib_tokens, ctx
         calib_tokens, seed = cctx.params["calib_tokens"], cctx.params["seed"]
     if ffn is None:
         raise InputError("--ffn is required (a fraction below 1 or a count of neurons), or --recipe FILE with [prune] ffn")
-    if importance not in ("activation", "taylor", "magnitude", "random"):
-        raise InputError(f"{recipe_file}: [prune] importance = {importance!r}; expected activation, taylor, magnitude "
-                         "or random")
     cfg = PruneConfig(src=str(src), out=str(out), ffn=ffn, importance=importance, calib=[str(c) for c in calib],
                       calib_tokens=calib_tokens, ctx=ctx, multiple_of=multiple_of, compensate=not no_bias_compensation,
                       seed=seed)

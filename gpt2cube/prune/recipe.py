@@ -7,10 +7,11 @@ import tomllib
 from pathlib import Path
 
 from ..errors import InputError
+from .importance import MEASURES
 
 # key -> (type, what it means); the names are `prune`'s options
 KEYS = {"ffn": ((int, float), "fraction below 1 or count of FFN neurons removed per layer"),
-        "importance": (str, "activation | taylor | magnitude | random"),
+        "importance": (str, "name of an importance measure"),
         "multiple_of": (int, "kept width rounded down to a multiple of this"),
         "calib_tokens": (int, "tokens of calibration text"),
         "seed": (int, "seed")}
@@ -35,4 +36,6 @@ def load_prune_recipe(path: Path) -> dict:
         if isinstance(value, bool) or not isinstance(value, kind):
             raise InputError(f"{path}: [prune] {key} = {value!r}; expected the {meaning}")
         out[key] = value
+    if out.get("importance", "activation") not in MEASURES:
+        raise InputError(f"{path}: [prune] importance = {out['importance']!r}; expected {' | '.join(MEASURES)}")
     return out
