@@ -52,6 +52,7 @@ struct layer {
     ggml_tensor *down_exps = nullptr;                          // [g, E, V]
     ggml_tensor *up_exps = nullptr;                            // [E, g, V] plain copy when `up` is repacked
     ggml_tensor *router_w = nullptr, *router_b = nullptr;      // [E, d], [d]
+    ggml_tensor *comp = nullptr;                               // [E, d V]: row r V + v, schema 2's compensation
     ggml_tensor *k_cache = nullptr, *v_cache = nullptr;        // [E, n_ctx] kv_type
 };
 
@@ -72,6 +73,7 @@ struct g2c_engine {
     int n_layer = 0, n_embd = 0, n_head = 0, n_ff = 0, n_vocab = 0, n_ctx_train = 0, n_ctx = 0;
     float eps = 1e-5f;
     int dim = 0, n_vertices = 0, group = 0;
+    std::vector<float> comp_data;               // (L, d, V, E) hypercube.compensation; empty: none (schema 1)
     int n_past = 0;
     ggml_type kv_type = GGML_TYPE_F16;
     bool repack = true;   // CPU weight repacking (ggml's extra buffer types), as llama.cpp does by default
@@ -217,6 +219,12 @@ struct g2c_engine {
     // Reads and checks hypercube.*; returns the router weights (L, d, E) and biases (L, d).
     void read_hypercube(std::vector<float> & rw, std::vector<float> & rb) {
         if (key("hypercube.dim", false) < 0) return;
+        if (key("hypercube.version", false) >= 0) {
+            const uint32_t version = u32("hypercube.version");
+            if (version < 1 || version > 2)
+                throw error(fmt("%s: hypercube.version = %u; this engine reads versions 1..2 (a newer gpt2cube wrote the file)",
+                                path.c_str(), version));
+        }
         dim = (int) u32("hypercube.dim");
         if (dim < 1 || dim > 10) throw error(fmt("%s: hypercube.dim = %d; expected 1..10", path.c_str(), dim));
         n_vertices = 1 << dim;
@@ -239,6 +247,11 @@ struct g2c_engine {
         rb = array<float>("hypercube.router.bias", GGUF_TYPE_FLOAT32, (size_t) n_layer * dim);
         for (float x : rw) if (!std::isfinite(x)) throw error(fmt("%s: hypercube.router.weight holds NaN or infinity", path.c_str()));
         for (float x : rb) if (!std::isfinite(x)) throw error(fmt("%s: hypercube.router.bias holds NaN or infinity", path.c_str()));
+        if (key("hypercube.compensation", false) >= 0) {
+            comp_data = array<float>("hypercube.compensation", GGUF_TYPE_FLOAT32, (size_t) n_layer * dim * n_vertices * n_embd);
+            for (float x : comp_data)
+                if (!std::isfinite(x)) throw error(fmt("%s: hypercube.compensation holds NaN or infinity", path.c_str()));
+        }
         for (int i = 0; i < n_layer; ++i) {
             const ggml_tensor * d = layers[i].down;
             if (group % ggml_blck_size(d->type))
@@ -308,7 +321,7 @@ struct g2c_engine {
     }
 
     void create_engine_tensors() {
-        size_t n_extra = (size_t) n_layer * 6 + 16 + 2 * ((size_t) dim + 1);
+        size_t n_extra = (size_t) n_layer * 7 + 16 + 2 * ((size_t) dim + 1);
         ggml_init_params p = {ggml_tensor_overhead() * n_extra, nullptr, true};
         xctx = ggml_init(p);
         for (int i = 0; i < n_layer; ++i) {
@@ -321,6 +334,7 @@ struct g2c_engine {
                 if (repack) L.up_exps = ggml_new_tensor_3d(xctx, L.up->type, n_embd, group, n_vertices);
                 L.router_w = ggml_new_tensor_2d(xctx, GGML_TYPE_F32, n_embd, dim);
                 L.router_b = ggml_new_tensor_1d(xctx, GGML_TYPE_F32, dim);
+                if (!comp_data.empty()) L.comp = ggml_new_tensor_2d(xctx, GGML_TYPE_F32, n_embd, (int64_t) dim * n_vertices);
             }
         }
         if (dim) {
@@ -382,6 +396,9 @@ struct g2c_engine {
         for (int i = 0; dim && i < n_layer; ++i) {
             ggml_backend_tensor_set(layers[i].router_w, rw.data() + (size_t) i * dim * n_embd, 0, ggml_nbytes(layers[i].router_w));
             ggml_backend_tensor_set(layers[i].router_b, rb.data() + (size_t) i * dim, 0, ggml_nbytes(layers[i].router_b));
+            if (layers[i].comp)
+                ggml_backend_tensor_set(layers[i].comp, comp_data.data() + (size_t) i * dim * n_vertices * n_embd, 0,
+                                        ggml_nbytes(layers[i].comp));
         }
         if (dim) {
             std::vector<float> s((size_t) dim * n_vertices);
@@ -488,9 +505,18 @@ struct g2c_engine {
         return b;
     }
 
-    // x [E, n] -> [E, n] through the groups around each token's vertex; *vertex <- [n] i32
+    // x [E, n] -> [E, n] through the groups around each token's vertex, plus (schema 2) the
+    // skipped groups' mean output at that vertex; *vertex <- [n] i32
     ggml_tensor * ffn_routed(ggml_context * c, const layer & L, ggml_tensor * x, int radius, bool experts,
                              ggml_tensor ** vertex) const {
+        ggml_tensor * y = ffn_routed_groups(c, L, x, radius, experts, vertex);
+        if (!L.comp || radius >= dim) return y;
+        ggml_tensor * rows = ggml_view_2d(c, L.comp, n_embd, n_vertices, L.comp->nb[1], (size_t) radius * n_vertices * L.comp->nb[1]);
+        return ggml_add(c, y, ggml_get_rows(c, rows, *vertex));                          // + [E, n]
+    }
+
+    ggml_tensor * ffn_routed_groups(ggml_context * c, const layer & L, ggml_tensor * x, int radius, bool experts,
+                                    ggml_tensor ** vertex) const {
         const int64_t n = x->ne[1];
         ggml_tensor * m = ggml_add(c, ggml_mul_mat(c, L.router_w, x), L.router_b);     // [d, n]
         ggml_tensor * score = ggml_mul_mat(c, signs, ggml_sgn(c, m));                    // [V, n]

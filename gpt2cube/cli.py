@@ -14,6 +14,7 @@ from . import __version__
 from .errors import Gpt2cubeError, InputError
 from .eval.spam import SPLITS as SPAM_SPLITS
 from .finetune.loop import TASKS as FT_TASKS
+from .hypercube.calibrate import ROUTERS as HC_ROUTERS
 from .kernels import QUANT_TYPES
 from .train.ngram import METHODS as NGRAM_METHODS
 from .train.trainer import PRESETS  # light: torch is imported only when training starts
@@ -61,6 +62,14 @@ def main() -> None:
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="Calibration text file for the hypercube routers (needed with --hypercube-dim).")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens to use.")
+@click.option("--hypercube-from", "hypercube_from", type=click.Path(path_type=Path), default=None,
+              help="Reuse this hypercube GGUF's routers and groups instead of calibrating (e.g. after finetune --routed "
+                   "FILE); the checkpoint must have the same shape.")
+@click.option("--router", type=click.Choice(list(HC_ROUTERS)), default="learned", show_default=True,
+              help="How the hypercube routers and vertex groups are fitted: "
+                   + "; ".join(f"{k}: {v[0]}" for k, v in HC_ROUTERS.items()) + ".")
+@click.option("--router-radius", type=int, default=None,
+              help="The radius a learned router is fitted for [default: 1, or 0 with --hypercube-dim 1].")
 @click.option("--concepts", type=click.Path(path_type=Path), default=None,
               help="Concept map: lines of 'name: text', placed on the cube by the model's hidden states.")
 @click.option("--concept-layer", type=int, default=None, help="Layer the concept map is read at [default: middle].")
@@ -70,7 +79,8 @@ def main() -> None:
 @_fail_cleanly
 def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_file: Path | None,
             ternary_scale: str, strict: bool, hypercube_dim: int | None, calib: Path | None, calib_tokens: int,
-            concepts: Path | None, concept_layer: int | None, force: bool, quiet: bool, as_json: bool) -> None:
+            hypercube_from: Path | None, router: str, router_radius: int | None, concepts: Path | None, concept_layer: int | None, force: bool,
+            quiet: bool, as_json: bool) -> None:
     """Convert the Hugging Face checkpoint directory SRC to a GGUF file.
 
     Norms and biases always stay f32. Ternary types (tq1_0, tq2_0) apply BitNet b1.58 absmean
@@ -81,12 +91,19 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
     patterns = load_recipe_file(recipe_file) if recipe_file else []
     recipe = Recipe(out_type, embed_type, patterns, ternary_scale, strict)
     cube = None
-    if hypercube_dim is not None or calib is not None or concepts is not None:
+    if hypercube_from is not None:
+        from .hypercube.build import HypercubeOptions
+
+        if hypercube_dim is not None or calib is not None or router_radius is not None:
+            raise click.UsageError("--hypercube-from takes the dimension, routers and groups from its file; "
+                                   "drop --hypercube-dim, --calib and --router-radius")
+        cube = HypercubeOptions(0, None, calib_tokens, concepts, concept_layer, source=hypercube_from)
+    elif hypercube_dim is not None or calib is not None or concepts is not None:
         from .hypercube.build import HypercubeOptions
 
         if hypercube_dim is None or calib is None:
             raise click.UsageError("--hypercube-dim and --calib go together (and --concepts needs both)")
-        cube = HypercubeOptions(hypercube_dim, calib, calib_tokens, concepts, concept_layer)
+        cube = HypercubeOptions(hypercube_dim, calib, calib_tokens, concepts, concept_layer, router, router_radius)
     result = run_convert(src, out, recipe, force=force, progress=not quiet, log=_log, hypercube=cube)
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=2))
@@ -474,6 +491,12 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
 @click.option("--strict", is_flag=True, help="As convert's --strict: no row-length fallbacks.")
 @click.option("--qat-warmup", type=int, default=0, show_default=True,
               help="Steps over which the quantized weights are blended in (lambda 0 -> 1); 0 switches at once.")
+@click.option("--routed", type=click.Path(path_type=Path), default=None,
+              help="Routing-aware fine-tuning: a hypercube GGUF of this checkpoint (convert --hypercube-dim); its routers "
+                   "and groups mask every FFN in the forward pass, as the routed engine computes it. Convert the result "
+                   "with --hypercube-from the same file.")
+@click.option("--radius", type=int, default=None,
+              help="With --routed: the ball radius trained for [default: the radius the file's router was fitted for].")
 @click.option("--freeze-embeddings/--train-embeddings", default=None,
               help="Keep token/position embeddings fixed [default: frozen under --qat, trained otherwise].")
 @click.option("--lm-weight", type=float, default=None,
@@ -505,7 +528,7 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @_fail_cleanly
 def finetune(src, out, task, corpus, holdout, exclude, data, split_name, qat, embed_type, recipe_file, ternary_scale, strict,
-             qat_warmup, freeze_embeddings, lm_weight, distill, distill_weight, temperature, tokens, batch_size, ctx, lr,
+             qat_warmup, routed, radius, freeze_embeddings, lm_weight, distill, distill_weight, temperature, tokens, batch_size, ctx, lr,
              warmup_steps, weight_decay, dropout, eval_every, seed, device, threads, precision, stop_at, resume, force, quiet,
              as_json) -> None:
     """Fine-tune the GPT-2 checkpoint SRC: recover a compressed model's quality (QAT, distillation)
@@ -527,7 +550,8 @@ def finetune(src, out, task, corpus, holdout, exclude, data, split_name, qat, em
     cfg = FinetuneConfig(src=str(src), out=str(out), task=task, corpus=[str(c) for c in corpus],
                          holdout=[str(h) for h in holdout], exclude=[str(e) for e in exclude], data=str(data) if data else None, split=split_name,
                          qat=qat, embed_type=embed_type, recipe=patterns, ternary_scale=ternary_scale, strict=strict,
-                         qat_warmup=qat_warmup, freeze_embeddings=freeze_embeddings, lm_weight=lm_weight,
+                         qat_warmup=qat_warmup, routed=str(routed) if routed else None, radius=radius,
+                         freeze_embeddings=freeze_embeddings, lm_weight=lm_weight,
                          distill=str(distill) if distill else None, distill_weight=distill_weight,
                          temperature=temperature, tokens=tokens, batch_size=batch_size, ctx=ctx, lr=lr,
                          warmup_steps=warmup_steps, weight_decay=weight_decay, dropout=dropout, eval_every=eval_every, seed=seed,

@@ -25,6 +25,10 @@ GPT2_EOT_ID = 50256
 # Flattened arrays are row-major in the order the shape comment gives (L = block_count,
 # d = dim, V = 2^d vertices, E = n_embd, F = n_ff, C = concepts).
 HC = "hypercube"
+# Schema versions: 1 (no version key): routers, groups, calibration record, concepts;
+# 2: + hypercube.version, router.method, router.radius, compensation. Readers take 1 and 2.
+HC_SCHEMA_VERSION = 2
+KEY_HC_VERSION = f"{HC}.version"                           # u32, absent in version 1
 KEY_HC_DIM = f"{HC}.dim"                                   # u32 d
 KEY_HC_VERTEX_COUNT = f"{HC}.vertex_count"                 # u32 V = 2^d
 KEY_HC_GROUP_SIZE = f"{HC}.group_size"                     # u32 g = F / V neurons per vertex group
@@ -33,6 +37,10 @@ KEY_HC_VERTEX_IDS = f"{HC}.vertex_ids"                     # [u32] (V,)
 KEY_HC_ROUTING_TABLE = f"{HC}.routing_table"               # [u32] (V, d): v ^ (1 << k)
 KEY_HC_ROUTER_WEIGHT = f"{HC}.router.weight"               # [f32] (L, d, E) hyperplane normals
 KEY_HC_ROUTER_BIAS = f"{HC}.router.bias"                   # [f32] (L, d); bit k = [w_k . x + b_k > 0]
+KEY_HC_ROUTER_METHOD = f"{HC}.router.method"               # str, optional: learned | pca (absent: pca)
+KEY_HC_ROUTER_RADIUS = f"{HC}.router.radius"               # u32, optional: the radius a learned router was fitted for
+KEY_HC_COMPENSATION = f"{HC}.compensation"                 # [f32] (L, d, V, E), optional: radius r < d, vertex v ->
+                                                           # mean output of the groups outside the ball (added)
 KEY_HC_PERMUTATION = f"{HC}.permutation"                   # [u32] (L, F) source neuron at each position
 KEY_HC_CALIB_COUNTS = f"{HC}.calibration.vertex_counts"    # [u32] (L, V) calibration tokens per vertex
 KEY_HC_CALIB_TOKENS = f"{HC}.calibration.tokens"           # u32

@@ -30,6 +30,7 @@ from ..models import check_checkpoint_out, load_gpt2_checkpoint, save_checkpoint
 from ..tokenizers import hf_tokenizer
 from ..train.trainer import cosine_lr, pick_device, pick_precision, plot_loss
 from .qat import QuantizedWeights
+from .routing import RoutingMask
 from .losses import HeadLoss
 from .tasks import LMTask, SpamTask
 
@@ -67,6 +68,8 @@ class FinetuneConfig:
     ternary_scale: str = "tensor"
     strict: bool = False
     qat_warmup: int = 0            # steps over which lam goes 0 -> 1 (0: abrupt)
+    routed: str | None = None      # a hypercube GGUF whose routing the forward pass applies
+    radius: int | None = None      # its ball radius [default: the radius its router was fitted for, else 1]
     freeze_embeddings: bool | None = None  # default: frozen under QAT, trained otherwise
     distill: str | None = None     # teacher checkpoint
     distill_weight: float = 0.5
@@ -200,6 +203,9 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
         for p in (model.transformer.wte.weight, model.transformer.wpe.weight):
             p.requires_grad_(False)
     qw = QuantizedWeights(model, recipe) if recipe else None
+    if cfg.routed:
+        routing = RoutingMask(model, Path(cfg.routed), cfg.radius)
+        log(f"routing-aware: every FFN routed as {cfg.routed} at radius {routing.radius} of {routing.info.dim}")
     if qw:
         for w in qw.warnings:
             log(f"warning: {w}")
@@ -279,7 +285,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
     summary = {"out": str(out), "device": device, "precision": precision, "steps": step, "planned_steps": steps,
                "tokens": seen, "seconds": round(elapsed + time.perf_counter() - t0, 1), "task": cfg.task,
                "qat": cfg.qat, **task.sizes, "best": {k: v for k, v in best.items() if k != "select"}}
-    if qw:
+    if qw or cfg.routed:
         summary["convert"] = _convert_hint(cfg, out)
     log(f"fine-tuned {step} steps, {seen:,} tokens; best validation at step {best['step']}: "
         + ", ".join(f"{k} {v}" for k, v in best.items() if k.startswith("val_")))
@@ -292,7 +298,12 @@ def _append(path: Path, row: dict) -> None:
 
 
 def _convert_hint(cfg: FinetuneConfig, out: Path) -> str:
-    parts = [f"gpt2cube convert {out} -o model-{cfg.qat}.gguf --type {cfg.qat}"]
+    name = "-".join(p for p in (cfg.qat, "routed" if cfg.routed else None) if p)
+    parts = [f"gpt2cube convert {out} -o model-{name}.gguf"]
+    if cfg.qat:
+        parts.append(f"--type {cfg.qat}")
+    if cfg.routed:
+        parts.append(f"--hypercube-from {cfg.routed}")
     if cfg.embed_type:
         parts.append(f"--embed-type {cfg.embed_type}")
     if cfg.ternary_scale != "tensor":
@@ -321,5 +332,6 @@ def _export(model, cfg: FinetuneConfig, src: Path, out: Path, best: dict, qw) ->
     record = {"source": str(src), "config": asdict(cfg), "best": {k: v for k, v in best.items() if k != "select"}}
     if qw:
         record["qat_tensor_types"] = qw.types()
+    if qw or cfg.routed:
         record["convert"] = _convert_hint(cfg, out)
     save_checkpoint(model, src, out, {"finetune.json": json.dumps(record, indent=2) + "\n"})

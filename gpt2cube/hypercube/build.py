@@ -14,23 +14,29 @@ import numpy as np
 from ..errors import InputError
 from ..models import checkpoint_model
 from ..tokenizers import encode_text, hf_tokenizer
-from .calibrate import Calibration, calibrate, calibration_tokens
+from ..gguf_file import read_gguf
+from .calibrate import ROUTERS, Calibration, LayerRouter, calibrate, calibration_tokens
 from .concepts import ConceptMap, build_concept_map, read_concepts
-from .metadata import write_hypercube
+from .metadata import has_hypercube, read_hypercube, write_hypercube
 from .topology import MAX_DIM, Hypercube
 
 
 @dataclass
 class HypercubeOptions:
     dim: int
-    calib: Path
+    calib: Path | None                # None with `source`
     calib_tokens: int = 8192
     concepts: Path | None = None
     concept_layer: int | None = None  # default: the middle layer
+    router: str = "learned"
+    router_radius: int | None = None  # default: calibrate.default_radius(dim)
+    source: Path | None = None        # --hypercube-from: reuse this file's routers and groups, no calibration
 
     def prepare(self, ckpt, arch, planned, log: Callable[[str], None]) -> "HypercubeBuild":
         """The converter's extension hook: check against the model and ffn_down's planned
         types, then calibrate."""
+        if self.source is not None:
+            self.dim = routing_from(self.source, arch).dim
         check_options(self, arch.n_ff, arch.n_layer,
                       [p.qtype for p in planned if p.spec.gguf_name.endswith(".ffn_down.weight")])
         return build_hypercube(ckpt, arch, self, log)
@@ -73,19 +79,48 @@ def check_options(opts: HypercubeOptions, n_ff: int, n_layer: int, down_types: l
             f"(n_ff {n_ff} / 2^d must be a multiple of {down.block_size}) or a type with smaller blocks for ffn_down")
     if opts.concepts is not None and not opts.concepts.is_file():
         raise InputError(f"{opts.concepts}: no such concepts file; expected lines of 'name: text'")
-    if opts.calib_tokens < 64:
+    if opts.source is None and opts.calib_tokens < 64:
         raise InputError(f"--calib-tokens {opts.calib_tokens}; expected at least 64")
+    if opts.router not in ROUTERS:
+        raise InputError(f"--router {opts.router!r}; expected one of {', '.join(ROUTERS)}")
+    if opts.router_radius is not None and not 0 <= opts.router_radius < opts.dim:
+        raise InputError(f"--router-radius {opts.router_radius}; expected 0..{opts.dim - 1} for --hypercube-dim {opts.dim} "
+                         f"(radius {opts.dim} is the dense FFN)")
     if opts.concept_layer is not None and not 0 <= opts.concept_layer < n_layer:
         raise InputError(f"--concept-layer {opts.concept_layer}; expected 0..{n_layer - 1}")
 
 
+def routing_from(path: Path, arch) -> Calibration:
+    """--hypercube-from: a hypercube file's routers, groups and calibration record, checked
+    against the checkpoint being converted (e.g. one fine-tuned with `finetune --routed path`)."""
+    if not Path(path).is_file():
+        raise InputError(f"--hypercube-from {path}: no such file; expected a GGUF written by convert --hypercube-dim")
+    reader = read_gguf(Path(path))
+    if not has_hypercube(reader):
+        raise InputError(f"--hypercube-from {path}: the file has no hypercube metadata")
+    info = read_hypercube(reader, Path(path))
+    got = (info.router_weight.shape[0], info.router_weight.shape[2], info.permutation.shape[1])
+    if got != (arch.n_layer, arch.n_embd, arch.n_ff):
+        raise InputError(f"--hypercube-from {path}: its hypercube is for {got[0]} layers x n_embd {got[1]} x n_ff {got[2]}; "
+                         f"the checkpoint is {arch.n_layer} x {arch.n_embd} x {arch.n_ff}")
+    layers = [LayerRouter(w, b, p, c) for w, b, p, c in
+              zip(info.router_weight, info.router_bias, info.permutation, info.vertex_counts)]
+    return Calibration(info.dim, info.group_size, layers, info.calib_tokens, info.calib_sha256, info.router_method,
+                       info.router_radius, info.compensation)
+
+
 def build_hypercube(ckpt, arch, opts: HypercubeOptions, log: Callable[[str], None]) -> HypercubeBuild:
-    tokens, sha = calibration_tokens(opts.calib, opts.calib_tokens, arch.n_vocab)
-    model = checkpoint_model(ckpt, arch)  # our own loader: every layout `convert` takes
-    cal = calibrate(model, tokens, opts.dim, sha)
-    worst = min(int(lr.counts.min()) for lr in cal.layers)
-    log(f"hypercube: Q_{opts.dim}, {1 << opts.dim} groups of {cal.group_size} neurons per layer, calibrated on "
-        f"{len(tokens)} tokens of {opts.calib.name} (emptiest vertex: {worst} tokens)")
+    model = None if opts.source is not None and opts.concepts is None else checkpoint_model(ckpt, arch)  # our loader
+    if opts.source is not None:
+        cal = routing_from(opts.source, arch)
+        log(f"hypercube: Q_{cal.dim} routers and groups taken from {opts.source} ({cal.method})")
+    else:
+        tokens, sha = calibration_tokens(opts.calib, opts.calib_tokens, arch.n_vocab)
+        cal = calibrate(model, tokens, opts.dim, sha, opts.router, opts.router_radius)
+        worst = min(int(lr.counts.min()) for lr in cal.layers)
+        how = "PCA router" if cal.method == "pca" else f"{cal.method} router for radius {cal.radius}"
+        log(f"hypercube: Q_{opts.dim}, {1 << opts.dim} groups of {cal.group_size} neurons per layer, {how}, calibrated "
+            f"on {len(tokens)} tokens of {opts.calib.name} (emptiest vertex: {worst} tokens)")
     concepts = None
     if opts.concepts is not None:
         tok = hf_tokenizer()

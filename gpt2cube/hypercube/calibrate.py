@@ -1,5 +1,6 @@
 """Router calibration on text, and the neuron permutation that makes vertex groups contiguous.
 
+Two methods (ROUTERS): `learned` (hypercube/learn.py, the default of `convert`) and `pca`, below.
 Per FFN layer (shapes: N calibration tokens, E = n_embd, F = n_ff, d = cube dimension):
 - X (N, E) is the FFN input after ffn_norm (HF: ln_2's output, the MLP's input).
 - Router: w_k (d, E) are the top-d principal directions of X; b_k = -median(X w_k), so each bit
@@ -82,25 +83,76 @@ class Calibration:
     layers: list[LayerRouter]
     n_tokens: int
     text_sha256: str
+    method: str = "pca"
+    radius: int | None = None  # the radius a learned router was fitted for
+    compensation: np.ndarray | None = None  # (L, d, V, E): radius r, vertex v -> mean output of the skipped groups
 
 
-def calibrate(model, tokens: np.ndarray, dim: int, text_sha256: str = "") -> Calibration:
-    """Two passes over `tokens` with a transformers GPT-2: fit the routers on the FFN inputs,
-    then score neurons per vertex and group them."""
+def compensation(x: np.ndarray, act: np.ndarray, down_weight: np.ndarray, lr_: LayerRouter, cube: Hypercube) -> np.ndarray:
+    """(d, V, E): for radius r < d and vertex v, sum over the neurons outside the ball of their mean
+    output on the calibration tokens routed to v (FLAP's bias compensation, per vertex); the engine
+    adds row [r, v] to a routed FFN's output. An empty vertex takes the all-token means."""
+    V, F = cube.n_vertices, act.shape[1]
+    g = F // V
+    v = route(x, lr_.weight, lr_.bias)
+    act = np.asarray(act, np.float64)
+    means = np.stack([act[v == u].mean(axis=0) if (v == u).any() else act.mean(axis=0) for u in range(V)])  # (V, F)
+    wd = np.asarray(down_weight, np.float64)[lr_.perm]          # (F, E) in file order
+    m = means[:, lr_.perm].reshape(V, V, g)                     # [token vertex, group, neuron in group]
+    per_group = np.einsum("vuj,uje->vue", m, wd.reshape(V, g, -1))  # (V, V, E) mean output of group u at vertex v
+    dist = cube.distances()
+    return np.stack([np.einsum("vu,vue->ve", (dist > r).astype(np.float64), per_group) for r in range(cube.dim)]
+                    ).astype(np.float32)
+
+
+def _pca_layer(x: np.ndarray, act: np.ndarray, down_weight: np.ndarray, cube: Hypercube, radius: int) -> LayerRouter:
+    w, b = fit_router(x, cube.dim)
+    v = route(x, w, b)
+    return LayerRouter(w, b, assign_neurons(v, act, cube), np.bincount(v, minlength=cube.n_vertices))
+
+
+def _learned_layer(x: np.ndarray, act: np.ndarray, down_weight: np.ndarray, cube: Hypercube, radius: int) -> LayerRouter:
+    from .learn import contributions, learn_router
+
+    return learn_router(x, contributions(act, down_weight), cube, radius)
+
+
+# --router: how each layer's hyperplanes and vertex groups are fitted (help text, fit)
+ROUTERS = {
+    "learned": ("trained on the dense model's own FFN activations for --router-radius (module hypercube.learn)",
+                _learned_layer),
+    "pca": ("top principal directions of the FFN inputs, median thresholds, groups by mean |activation|", _pca_layer),
+}
+
+
+def default_radius(dim: int) -> int:
+    """The radius a learned router is fitted for unless told: 1, the ball of a vertex and its
+    neighbours (d + 1 of 2^d groups), or 0 on Q_1 where radius 1 is the dense FFN."""
+    return min(1, dim - 1)
+
+
+def calibrate(model, tokens: np.ndarray, dim: int, text_sha256: str = "", method: str = "learned",
+              radius: int | None = None) -> Calibration:
+    """Two passes over `tokens` with a transformers GPT-2 (FFN inputs, then activations), then
+    each layer's router and vertex groups by `method` (a key of ROUTERS)."""
     cube = Hypercube(dim)
+    if method not in ROUTERS:
+        raise InputError(f"--router {method!r}; expected one of {', '.join(ROUTERS)}")
+    radius = default_radius(dim) if radius is None else radius
+    if not 0 <= radius < dim:
+        raise InputError(f"--router-radius {radius}; expected 0..{dim - 1} (radius {dim} is the dense FFN)")
     blocks = model.transformer.h
     n_ff = blocks[0].mlp.c_fc.weight.shape[1]
     if n_ff % cube.n_vertices:
         raise InputError(f"n_ff {n_ff} is not divisible by 2^{dim} = {cube.n_vertices}; choose a smaller --hypercube-dim")
     inputs = capture(model, tokens, lambda blk: blk.mlp, pre=True)
-    routers = [fit_router(x, dim) for x in inputs]
     acts = capture(model, tokens, lambda blk: blk.mlp.act, pre=False)
-    layers = []
-    for x, a, (w, b) in zip(inputs, acts, routers):
-        v = route(x, w, b)
-        perm = assign_neurons(v, a, cube)
-        layers.append(LayerRouter(w, b, perm, np.bincount(v, minlength=cube.n_vertices)))
-    return Calibration(dim, n_ff // cube.n_vertices, layers, int(len(tokens)), text_sha256)
+    fit = ROUTERS[method][1]
+    downs = [blk.mlp.c_proj.weight.detach().float().numpy() for blk in blocks]
+    layers = [fit(x, a, wd, cube, radius) for x, a, wd in zip(inputs, acts, downs)]
+    comp = np.stack([compensation(x, a, wd, lr_, cube) for x, a, wd, lr_ in zip(inputs, acts, downs, layers)])
+    return Calibration(dim, n_ff // cube.n_vertices, layers, int(len(tokens)), text_sha256, method,
+                       radius if method != "pca" else None, comp)
 
 
 def capture(model, tokens: np.ndarray, module_of, *, pre: bool) -> list[np.ndarray]:

@@ -24,6 +24,7 @@ def write_hypercube(writer: GGUFWriter, cal: Calibration, concepts: ConceptMap |
     def arr(key: str, values: np.ndarray, sub: GGUFValueType) -> None:
         writer.add_key_value(key, np.asarray(values).ravel().tolist(), GGUFValueType.ARRAY, sub_type=sub)
 
+    writer.add_uint32(K.KEY_HC_VERSION, K.HC_SCHEMA_VERSION)
     writer.add_uint32(K.KEY_HC_DIM, cal.dim)
     writer.add_uint32(K.KEY_HC_VERTEX_COUNT, cube.n_vertices)
     writer.add_uint32(K.KEY_HC_GROUP_SIZE, cal.group_size)
@@ -32,6 +33,11 @@ def write_hypercube(writer: GGUFWriter, cal: Calibration, concepts: ConceptMap |
     arr(K.KEY_HC_ROUTING_TABLE, cube.routing_table(), u32)
     arr(K.KEY_HC_ROUTER_WEIGHT, np.stack([lr.weight for lr in cal.layers]), f32)
     arr(K.KEY_HC_ROUTER_BIAS, np.stack([lr.bias for lr in cal.layers]), f32)
+    writer.add_string(K.KEY_HC_ROUTER_METHOD, cal.method)
+    if cal.radius is not None:
+        writer.add_uint32(K.KEY_HC_ROUTER_RADIUS, cal.radius)
+    if cal.compensation is not None:
+        arr(K.KEY_HC_COMPENSATION, cal.compensation, f32)
     arr(K.KEY_HC_PERMUTATION, np.stack([lr.perm for lr in cal.layers]), u32)
     arr(K.KEY_HC_CALIB_COUNTS, np.stack([lr.counts for lr in cal.layers]), u32)
     writer.add_uint32(K.KEY_HC_CALIB_TOKENS, cal.n_tokens)
@@ -57,6 +63,10 @@ class HypercubeInfo:
     calib_tokens: int
     calib_sha256: str
     concepts: ConceptMap | None
+    router_method: str = "pca"        # files written before the key existed were all PCA
+    router_radius: int | None = None
+    compensation: np.ndarray | None = None  # (L, d, V, E); None: nothing added (version 1 files)
+    version: int = 1
 
     @property
     def n_vertices(self) -> int:
@@ -102,6 +112,10 @@ def read_hypercube(reader: GGUFReader, path: Path) -> HypercubeInfo:
 
     arch = get("general.architecture")
     n_layer, n_embd, n_ff = (integer(f"{arch}.{k}") for k in ("block_count", "embedding_length", "feed_forward_length"))
+    version = integer(K.KEY_HC_VERSION) if get(K.KEY_HC_VERSION, required=False) is not None else 1
+    if not 1 <= version <= K.HC_SCHEMA_VERSION:
+        raise GGUFFormatError(f"{where}: {K.KEY_HC_VERSION} = {version}; this gpt2cube reads versions 1..{K.HC_SCHEMA_VERSION} "
+                              "(a newer gpt2cube wrote the file)")
     dim = integer(K.KEY_HC_DIM)
     if not 1 <= dim <= 10:
         raise GGUFFormatError(f"{where}: {K.KEY_HC_DIM} = {dim}; expected 1..10")
@@ -124,6 +138,17 @@ def read_hypercube(reader: GGUFReader, path: Path) -> HypercubeInfo:
         if not np.array_equal(np.sort(p), np.arange(n_ff)):
             raise GGUFFormatError(f"{where}: {K.KEY_HC_PERMUTATION} of layer {layer} is not a permutation of 0..{n_ff - 1}")
     counts = array(K.KEY_HC_CALIB_COUNTS, (n_layer, cube.n_vertices), np.int64)
+    method = get(K.KEY_HC_ROUTER_METHOD, required=False)
+    if method is not None and not isinstance(method, str):
+        raise GGUFFormatError(f"{where}: {K.KEY_HC_ROUTER_METHOD} = {method!r}; expected a string")
+    radius = None
+    if get(K.KEY_HC_ROUTER_RADIUS, required=False) is not None:
+        radius = integer(K.KEY_HC_ROUTER_RADIUS)
+        if not 0 <= radius <= dim:
+            raise GGUFFormatError(f"{where}: {K.KEY_HC_ROUTER_RADIUS} = {radius}; expected 0..{dim}")
+    comp = array(K.KEY_HC_COMPENSATION, (n_layer, dim, cube.n_vertices, n_embd), np.float32, required=False)
+    if comp is not None and not np.isfinite(comp).all():
+        raise GGUFFormatError(f"{where}: {K.KEY_HC_COMPENSATION} holds NaN or infinity")
     concepts = None
     names = get(K.KEY_HC_CONCEPT_NAMES, required=False)
     if names is not None:
@@ -139,4 +164,5 @@ def read_hypercube(reader: GGUFReader, path: Path) -> HypercubeInfo:
         codes = array(K.KEY_HC_CONCEPT_CODES, (c, n_layer, dim), np.float32)
         concepts = ConceptMap(list(names), verts.astype(np.uint32), codes, layer)
     return HypercubeInfo(dim, n_ff // cube.n_vertices, table, w, b, perm, counts,
-                         integer(K.KEY_HC_CALIB_TOKENS), str(get(K.KEY_HC_CALIB_SHA256)), concepts)
+                         integer(K.KEY_HC_CALIB_TOKENS), str(get(K.KEY_HC_CALIB_SHA256)), concepts,
+                         method or "pca", radius, comp, version)

@@ -1,6 +1,7 @@
 """A torch reference of the routed FFN, for checking the C++ engine: the same routing (router
 bits, ball of radius r, contiguous groups) computed with plain tensor ops on a transformers
-GPT-2 whose FFNs are already in vertex order (e.g. `model_from_gguf` of a hypercube file)."""
+GPT-2 whose FFNs are already in vertex order (e.g. `model_from_gguf` of a hypercube file), plus
+the file's compensation row for (radius, vertex) when it has one."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def routed_forward(model, info: HypercubeInfo, tokens, radius: int,
     vertices: list[np.ndarray] = []
     originals = []
 
+    r = min(radius, info.dim)
+    comp = (torch.from_numpy(info.compensation[:, r]) if info.compensation is not None and r < info.dim
+            else torch.zeros(len(info.router_weight), cube.n_vertices, info.router_weight.shape[2]))  # (L, V, E)
+
     def routed_mlp(mlp, layer: int):
         w = torch.from_numpy(info.router_weight[layer])
         b = torch.from_numpy(info.router_bias[layer])
@@ -37,7 +42,8 @@ def routed_forward(model, info: HypercubeInfo, tokens, radius: int,
             up_w = mlp.c_fc.weight.T[neurons]                                      # (n, B g, E)
             h = mlp.act(torch.einsum("nje,ne->nj", up_w, x[0]) + mlp.c_fc.bias[neurons])
             down_w = mlp.c_proj.weight[neurons]                                    # (n, B g, E)
-            return (torch.einsum("nje,nj->ne", down_w, h) + mlp.c_proj.bias)[None]
+            # + the skipped groups' mean output at this vertex (schema 2's compensation; 0 when dense)
+            return (torch.einsum("nje,nj->ne", down_w, h) + mlp.c_proj.bias + comp[layer][v])[None]
         return forward
 
     try:
