@@ -11,7 +11,9 @@ The model is converted with --hypercube-dim D, calibrated on a training book (pg
 held-out one) with recipes/concepts.txt. Per type: llama.cpp (dense, its default CPU repacking),
 the engine dense, and the engine at radius 0..D-1, each with PPL on The Time Machine (pg35,
 held out; windows of 512, second half scored) and prompt (pp) / generation (tg) tokens per
-second (median of --repeats; ratios against llama.cpp measured in the same run). Prints JSON
+second (median of --repeats; ratios against llama.cpp measured in the same run), and the share of
+the weight bytes a generated token reads (the ball's share of ffn_up/ffn_down + everything
+else). No memory-bandwidth bound is printed: this machine's bandwidth is not measured. Prints JSON
 and a table; writes DIR/routed.json. Run it on an otherwise idle machine: ggml's threads spin.
 """
 
@@ -42,6 +44,24 @@ def speed(run_prompt, run_token, prompt: list[int], n_gen: int, repeats: int) ->
     return statistics.median(pp), statistics.median(tg)
 
 
+def weight_bytes(path: Path) -> dict:
+    """Bytes of the weights a generated token reads: the FFN matrices, and everything else that is
+    multiplied (attention, norms, biases, the head; of the embeddings only one row is read, so
+    they count only as the head when tied)."""
+    from gguf import GGUFReader
+
+    ffn = other = 0
+    names = {t.name: int(t.n_bytes) for t in GGUFReader(path).tensors}
+    for name, n in names.items():
+        if ".ffn_up.weight" in name or ".ffn_down.weight" in name:
+            ffn += n
+        elif name == "position_embd.weight" or (name == "token_embd.weight" and "output.weight" in names):
+            continue
+        else:
+            other += n
+    return {"ffn": ffn, "other": other}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT / "models" / "reference")
@@ -54,6 +74,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/gpt2cube-routed"))
     ap.add_argument("--speed-only", action="store_true", help="no perplexities")
+    ap.add_argument("--router", default="learned", choices=["learned", "pca"],
+                    help="how the file's routers are fitted (speed does not depend on it; pca calibrates faster)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from gpt2cube.converter import convert
@@ -74,7 +96,9 @@ def main() -> None:
     for qtype in args.types:
         path = args.out / f"reference-{qtype}-cube{args.dim}.gguf"
         convert(args.model, path, qtype, force=True, progress=False, log=lambda m: None,
-                hypercube=HypercubeOptions(args.dim, books / "pg11.txt", 16384, ROOT / "recipes" / "concepts.txt"))
+                hypercube=HypercubeOptions(args.dim, books / "pg11.txt", 16384, ROOT / "recipes" / "concepts.txt",
+                                           router=args.router))
+        read = weight_bytes(path)
         tok = GGUFTokenizer(path)
         prompt = tok.encode(text)[: args.n_prompt]
         tok.close()
@@ -89,6 +113,7 @@ def main() -> None:
                                                             n_threads=args.threads).ppl
         base = {"pp": pp, "tg": tg}
         rows.append({"type": qtype, "engine": "llama.cpp (dense)", "radius": "-", "ffn_groups": f"{2**args.dim}/{2**args.dim}",
+                     "weight_bytes_share": 1.0,
                      "ppl": ppl and round(ppl, 2), "pp_tok_s": round(pp, 1), "tg_tok_s": round(tg, 1),
                      "pp_vs_llama": 1.0, "tg_vs_llama": 1.0})
         for radius in [None, *range(args.dim)]:
@@ -101,8 +126,10 @@ def main() -> None:
             ppl = None if args.speed_only else routed_perplexity(path, text, 512, radius, max_windows=args.max_windows,
                                                                  n_threads=args.threads).ppl
             used = Hypercube(args.dim).ball_size(args.dim if radius is None else radius)
+            share = used / 2**args.dim
             rows.append({"type": qtype, "engine": "routed engine", "radius": "dense" if radius is None else radius,
-                         "ffn_groups": f"{used}/{2**args.dim}", "ppl": ppl and round(ppl, 2), "pp_tok_s": round(pp, 1),
+                         "ffn_groups": f"{used}/{2**args.dim}",
+                         "weight_bytes_share": round((read["other"] + share * read["ffn"]) / (read["other"] + read["ffn"]), 3), "ppl": ppl and round(ppl, 2), "pp_tok_s": round(pp, 1),
                          "tg_tok_s": round(tg, 1), "pp_vs_llama": round(pp / base["pp"], 3),
                          "tg_vs_llama": round(tg / base["tg"], 3)})
     meta = {"model": str(args.model), "kv_cache": "f16 (both)", "dim": args.dim, "threads": args.threads, "repeats": args.repeats,

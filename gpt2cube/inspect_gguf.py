@@ -73,6 +73,8 @@ def _hypercube_summary(reader: GGUFReader, path: Path) -> dict[str, Any] | None:
     info = read_hypercube(reader, path)  # validates: a corrupt hypercube is an error, not a summary
     counts = info.vertex_counts
     return {
+        "schema_version": info.version, "router": info.router_method, "router_radius": info.router_radius,
+        "compensation": info.compensation is not None,
         "dim": info.dim, "vertices": info.n_vertices, "group_size": info.group_size,
         "layers": int(len(info.router_weight)), "calibration_tokens": info.calib_tokens,
         "calibration_sha256": info.calib_sha256,
@@ -100,8 +102,11 @@ def format_report(info: dict[str, Any]) -> str:
     if hc:
         bal = hc["calibration_tokens_per_vertex"]
         lines += ["", f"hypercube: Q_{hc['dim']} ({hc['vertices']} vertices), {hc['layers']} layers x {hc['vertices']} FFN groups "
-                      f"of {hc['group_size']} neurons; routers calibrated on {hc['calibration_tokens']} tokens "
-                      f"({bal['min']}..{bal['max']} per vertex)"]
+                      f"of {hc['group_size']} neurons; {hc['router']} routers"
+                      + (f" (fitted for radius {hc['router_radius']})" if hc["router_radius"] is not None else "")
+                      + f" calibrated on {hc['calibration_tokens']} tokens ({bal['min']}..{bal['max']} per vertex); "
+                      + ("skipped groups' mean output added back" if hc["compensation"] else "no compensation")
+                      + f"; schema {hc['schema_version']}"]
         if hc["concepts"]:
             c = hc["concepts"]
             lines.append(f"  concepts at layer {c['layer']}: " + ", ".join(

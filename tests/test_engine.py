@@ -193,6 +193,9 @@ U32, F32, ARR = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueType.ARRAY
     ({"hypercube.router.bias": ([0.0, float("nan"), 0.0, 0.0], ARR, F32)}, "hypercube.router.bias holds NaN"),
     ({"hypercube.router.bias": ([1, 2, 3, 4], ARR, U32)}, "hypercube.router.bias is not an array of f32"),
     ({"hypercube.layer_count": None}, "metadata key hypercube.layer_count is missing"),
+    ({"hypercube.version": (3, U32, None)}, "hypercube.version = 3; this engine reads versions 1..2"),
+    ({"hypercube.compensation": ([0.0] * 10, ARR, F32)}, "hypercube.compensation has 10 values; expected 4096"),
+    ({"hypercube.compensation": ([float("inf")] * 4096, ARR, F32)}, "hypercube.compensation holds NaN or infinity"),
 ])
 def test_corrupt_hypercube_metadata_is_a_clear_error(engine_lib, cube_file, tmp_path, change, message):
     bad = tmp_path / "bad.gguf"

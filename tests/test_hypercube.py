@@ -269,6 +269,11 @@ _U32, _F32, _STR, _ARR = GGUFValueType.UINT32, GGUFValueType.FLOAT32, GGUFValueT
     ({"hypercube.permutation": ([0] * 2048, _ARR, _U32)}, "permutation of layer 0 is not a permutation"),
     ({"hypercube.concept.vertices": ([9] * 6, _ARR, _U32)}, "holds a vertex outside 0..3"),
     ({"hypercube.layer_count": None}, "key hypercube.layer_count is missing"),
+    ({"hypercube.version": (3, _U32, None)}, "hypercube.version = 3; this gpt2cube reads versions 1..2"),
+    ({"hypercube.compensation": ([0.0] * 10, _ARR, _F32)}, "hypercube.compensation has 10 values; expected 4096"),
+    ({"hypercube.compensation": ([float("inf")] * 4096, _ARR, _F32)}, "hypercube.compensation holds NaN or infinity"),
+    ({"hypercube.router.radius": (7, _U32, None)}, "hypercube.router.radius = 7; expected 0..2"),
+    ({"hypercube.router.method": (3, _U32, None)}, "hypercube.router.method = 3; expected a string"),
 ])
 def test_corrupt_hypercube_metadata_read_from_python(cube_files, tmp_path, change, message):
     """The Python reader (inspect, concepts) checks what the engine checks: one line naming the

@@ -35,6 +35,8 @@ from gpt2cube.synth import make_random_gpt2
 
 from conftest import rewrite_gguf
 
+F32_TOL = 0.006
+
 
 def test_learned_router_finds_clustered_structure():
     # 8 input clusters; neurons 8k..8k+7 fire (mass 1) on cluster k's tokens only, 0.01 elsewhere
@@ -177,3 +179,25 @@ def test_finetune_routed_errors(routed_student, checkpoints, corpus, tmp_path):
         finetune(FinetuneConfig(src=str(src), out=str(tmp_path / "b"), corpus=[str(corpus)], ctx=32, tokens=128,
                                 routed=str(plain)), progress=False)
     assert not (tmp_path / "a" / "model.safetensors").exists() and not (tmp_path / "b" / "model.safetensors").exists()
+
+
+def test_engine_reads_version_1_files_without_compensation(routed_student, tmp_path, prompt_tokens):
+    from gpt2cube.engine.binding import RoutedModel
+
+    _, cube = routed_student
+    old = tmp_path / "v1.gguf"
+    rewrite_gguf(cube, old, {"hypercube.version": None, "hypercube.compensation": None,
+                             "hypercube.router.method": None, "hypercube.router.radius": None})
+    toks = prompt_tokens[:24]
+    for path in (cube, old):
+        info = read_hypercube(read_gguf(path), path)
+        assert (info.compensation is None) == (path == old) and info.version == (1 if path == old else 2)
+        with RoutedModel(path, n_ctx=64, n_threads=2, kv_type="f32") as eng:
+            got, verts = eng.eval(toks, 1, want_vertices=True)
+        want, _ = routed_forward(model_from_gguf(path), info, toks, 1, vertices_in=verts)
+        # ggml vs torch arithmetic on the same f32 weights (ggml's GELU is an fp16 table): the f32
+        # bound of test_engine's routed-vs-reference test (the tokens take the engine's vertices)
+        assert np.abs(got - want).max() / want.std() < F32_TOL, path
+        if path == cube:
+            with_comp = got
+    assert np.abs(with_comp - got).max() / got.std() > 3 * F32_TOL  # the compensation is what differs

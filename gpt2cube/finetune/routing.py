@@ -44,7 +44,7 @@ def load_routing(path: Path, model) -> HypercubeInfo:
 
 
 class RoutingMask:
-    def __init__(self, model, path: Path, radius: int | None = None) -> None:
+    def __init__(self, model, path: Path, radius: int | None = None, compensate: bool = True) -> None:
         import torch
 
         self.info = load_routing(path, model)
@@ -66,7 +66,7 @@ class RoutingMask:
         self._b = [torch.from_numpy(b) for b in self.info.router_bias]
         self._pow = 2 ** torch.arange(d)
         comp = self.info.compensation
-        self._comp = [torch.from_numpy(c[radius]) for c in comp] if comp is not None else None  # L x (V, E)
+        self._comp = [torch.from_numpy(c[radius]) for c in comp] if comp is not None and compensate else None  # L x (V, E)
         self._vertex: dict[int, object] = {}
         self.hooks = []
         for i, blk in enumerate(model.transformer.h):
