@@ -19,28 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..gguf_file import read_gguf
 from ..hypercube.calibrate import default_radius
-from ..hypercube.metadata import HypercubeInfo, has_hypercube, read_hypercube
+from ..hypercube.metadata import HypercubeInfo, read_routing_file
 from ..hypercube.topology import Hypercube
 
 
 def load_routing(path: Path, model) -> HypercubeInfo:
     """The hypercube metadata of `path`, checked against a transformers GPT-2's shape."""
-    if not Path(path).is_file():
-        raise InputError(f"{path}: no such file; expected a GGUF written by convert --hypercube-dim")
-    reader = read_gguf(Path(path))
-    if not has_hypercube(reader):
-        raise InputError(f"{path} has no hypercube metadata; expected a file written by convert --hypercube-dim")
-    info = read_hypercube(reader, Path(path))
     c = model.config
-    n_ff = c.n_inner or 4 * c.n_embd
-    want = (c.n_layer, info.dim, c.n_embd)
-    if info.router_weight.shape != want or info.permutation.shape[1] != n_ff:
-        raise InputError(f"{path}: its hypercube is for {info.router_weight.shape[0]} layers x n_embd "
-                         f"{info.router_weight.shape[2]} x n_ff {info.permutation.shape[1]}; the checkpoint is "
-                         f"{c.n_layer} x {c.n_embd} x {n_ff}")
-    return info
+    return read_routing_file(Path(path), c.n_layer, c.n_embd, c.n_inner or 4 * c.n_embd, "--routed")
 
 
 class RoutingMask:

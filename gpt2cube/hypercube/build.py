@@ -14,10 +14,9 @@ import numpy as np
 from ..errors import InputError
 from ..models import checkpoint_model
 from ..tokenizers import encode_text, hf_tokenizer
-from ..gguf_file import read_gguf
 from .calibrate import ROUTERS, Calibration, LayerRouter, calibrate, calibration_tokens
 from .concepts import ConceptMap, build_concept_map, read_concepts
-from .metadata import has_hypercube, read_hypercube, write_hypercube
+from .metadata import read_routing_file, write_hypercube
 from .topology import MAX_DIM, Hypercube
 
 
@@ -93,16 +92,7 @@ def check_options(opts: HypercubeOptions, n_ff: int, n_layer: int, down_types: l
 def routing_from(path: Path, arch) -> Calibration:
     """--hypercube-from: a hypercube file's routers, groups and calibration record, checked
     against the checkpoint being converted (e.g. one fine-tuned with `finetune --routed path`)."""
-    if not Path(path).is_file():
-        raise InputError(f"--hypercube-from {path}: no such file; expected a GGUF written by convert --hypercube-dim")
-    reader = read_gguf(Path(path))
-    if not has_hypercube(reader):
-        raise InputError(f"--hypercube-from {path}: the file has no hypercube metadata")
-    info = read_hypercube(reader, Path(path))
-    got = (info.router_weight.shape[0], info.router_weight.shape[2], info.permutation.shape[1])
-    if got != (arch.n_layer, arch.n_embd, arch.n_ff):
-        raise InputError(f"--hypercube-from {path}: its hypercube is for {got[0]} layers x n_embd {got[1]} x n_ff {got[2]}; "
-                         f"the checkpoint is {arch.n_layer} x {arch.n_embd} x {arch.n_ff}")
+    info = read_routing_file(path, arch.n_layer, arch.n_embd, arch.n_ff, "--hypercube-from")
     layers = [LayerRouter(w, b, p, c) for w, b, p, c in
               zip(info.router_weight, info.router_bias, info.permutation, info.vertex_counts)]
     return Calibration(info.dim, info.group_size, layers, info.calib_tokens, info.calib_sha256, info.router_method,

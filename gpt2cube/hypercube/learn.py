@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .calibrate import LayerRouter, fit_router, route
+from .router import LayerRouter, fit_router, route
 from .topology import Hypercube
 
 

@@ -11,7 +11,8 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from .. import constants as K
-from ..errors import GGUFFormatError
+from ..errors import GGUFFormatError, InputError
+from ..gguf_file import read_gguf
 from .calibrate import Calibration
 from .concepts import ConceptMap
 from .topology import Hypercube
@@ -166,3 +167,20 @@ def read_hypercube(reader: GGUFReader, path: Path) -> HypercubeInfo:
     return HypercubeInfo(dim, n_ff // cube.n_vertices, table, w, b, perm, counts,
                          integer(K.KEY_HC_CALIB_TOKENS), str(get(K.KEY_HC_CALIB_SHA256)), concepts,
                          method or "pca", radius, comp, version)
+
+
+def read_routing_file(path: Path, n_layer: int, n_embd: int, n_ff: int, option: str) -> HypercubeInfo:
+    """A hypercube file's metadata for reuse with another checkpoint (`convert --hypercube-from`,
+    `finetune --routed`), checked against that checkpoint's shape; errors name `option`."""
+    if not Path(path).is_file():
+        raise InputError(f"{option} {path}: no such file; expected a GGUF written by convert --hypercube-dim")
+    reader = read_gguf(Path(path))
+    if not has_hypercube(reader):
+        raise InputError(f"{option} {path}: the file has no hypercube metadata; expected one written by "
+                         "convert --hypercube-dim")
+    info = read_hypercube(reader, Path(path))
+    got = (info.router_weight.shape[0], info.router_weight.shape[2], info.permutation.shape[1])
+    if got != (n_layer, n_embd, n_ff):
+        raise InputError(f"{option} {path}: its hypercube is for {got[0]} layers x n_embd {got[1]} x n_ff {got[2]}; "
+                         f"the checkpoint is {n_layer} x {n_embd} x {n_ff}")
+    return info
