@@ -1,19 +1,22 @@
 """Routers learned from the dense model (MoEfication / Deja Vu style), in the hypercube's form.
 
 Per FFN layer, on calibration tokens: X (N, E) the FFN inputs, and C (N, F) each neuron's
-contribution magnitude |a_tj| * ||W_down[j]|| (what skipping neuron j for token t takes out of
-the layer's output, to first order). A token routed to vertex v computes the groups in the ball
-B_r(v), so the FFN mass it keeps is sum_{u in B_r(v)} G_t[u], G_t[u] = sum_{j in group u} C_tj.
-The fit alternates two steps, starting from the PCA router (calibrate.fit_router):
- 1. groups: given each token's vertex, place every neuron at the vertex whose ball covers the
-    most of its mass (coverage S[u, j] = sum over the tokens routed within r of u), filling every
-    vertex with exactly F / 2^d neurons (greedy over (vertex, neuron) pairs, largest first) --
+contribution |a_tj - mean_t a_tj| * ||W_down[j]|| (what skipping neuron j for token t takes out of
+the layer's output, to first order, once the skipped neurons' mean output is added back -- the
+compensation the file stores). A token routed to vertex v computes the groups in the ball B_r(v),
+so the mass it keeps is sum_{u in B_r(v)} G_t[u], G_t[u] = sum_{j in group u} C_tj. Starting from
+the PCA router (router.fit_router), each of `rounds` rounds
+ 1. groups: given each token's vertex, places every neuron at the vertex whose ball covers the
+    most of its mass (coverage S[u, j] = its mass over the tokens routed within r of u), filling
+    every vertex with exactly F / 2^d neurons (greedy over (vertex, neuron) pairs, largest first):
     co-activated neurons end up in the same or neighbouring groups;
- 2. router: the d hyperplanes are trained (Adam, full batch) to maximise the expected covered
-    share of each token's mass, E_{v ~ p(v|x)} [cover_t(v)] with p(v|x) = prod_k sigmoid(+-(w_k.x + b_k)),
-    so a near miss (a neighbouring vertex, whose ball overlaps) costs less than a far one.
-The result is still d hyperplanes and a permutation: the schema, the engine and stock llama.cpp's
-view of the file do not change; only how well the ball covers what the token needs does.
+ 2. router: trains the d hyperplanes (Adam, full batch, standardised inputs) to maximise the
+    expected covered share of each token's mass for those groups, E_{v ~ p(v|x)} [cover_t(v)] with
+    p(v|x) = prod_k sigmoid(+-(w_k.x + b_k)), so a near miss (a neighbouring vertex, whose ball
+    overlaps) costs less than a far one; then re-routes the tokens.
+The groups returned are those the final router was trained for. The result is still d hyperplanes
+and a permutation: the engine's routing and stock llama.cpp's view of the file do not change, only
+how much of what each token needs its ball computes.
 """
 
 from __future__ import annotations
