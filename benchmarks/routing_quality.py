@@ -97,6 +97,7 @@ def main() -> None:
     from gpt2cube.hypercube.calibrate import assign_neurons, calibration_tokens, capture, route
     from gpt2cube.hypercube.learn import contributions
     from gpt2cube.hypercube.metadata import read_hypercube
+    from gpt2cube.hypercube.router import group_of
     from gpt2cube.hypercube.topology import Hypercube
     from gpt2cube.models import load_gpt2_checkpoint
     from gpt2cube.tokenizers import encode_text, hf_tokenizer
@@ -165,12 +166,10 @@ def main() -> None:
         return choose
 
     def topk_choice(info, n_keep: int, oracle: bool):
-        g = info.group_size
-        group_of, preds = [], []
+        groups, preds = [], []
         for i, (x, a, w) in enumerate(zip(xs, acts, downs)):
-            go = np.empty(a.shape[1], np.int64)
-            go[info.permutation[i]] = np.arange(a.shape[1]) // g
-            group_of.append(torch.from_numpy(go))
+            go = group_of(info.permutation[i], info.n_vertices)
+            groups.append(torch.from_numpy(go))
             onehot = np.eye(info.n_vertices, dtype=np.float32)[go]              # (F, V)
             mass = contributions(a, w) @ onehot                                  # (N, V)
             x1 = np.hstack([x, np.ones((len(x), 1), np.float32)])
@@ -180,11 +179,11 @@ def main() -> None:
             if oracle:
                 wn = torch.from_numpy(np.linalg.norm(downs[i], axis=1).astype(np.float32))
                 c = (a - means[i]).abs() * wn
-                score = torch.zeros(len(a), info.n_vertices).index_add_(1, group_of[i], c)
+                score = torch.zeros(len(a), info.n_vertices).index_add_(1, groups[i], c)
             else:
                 score = torch.cat([x, torch.ones(len(x), 1)], 1) @ preds[i]
             top = torch.zeros_like(score).scatter_(1, score.topk(n_keep, dim=1).indices, 1.0)  # (n, V)
-            keep = top[:, group_of[i]]
+            keep = top[:, groups[i]]
             return keep, ((1 - keep) * means[i]) @ model.transformer.h[i].mlp.c_proj.weight
         return choose
 
@@ -197,9 +196,7 @@ def main() -> None:
             w = rng.normal(size=(dim, x.shape[1])).astype(np.float32)
             b = -np.median(x @ w.T, axis=0).astype(np.float32)
             perm = assign_neurons(route(x, w, b), a, cube)
-            go = np.empty(len(perm), np.int64)
-            go[perm] = np.arange(len(perm)) // (len(perm) // cube.n_vertices)
-            layers.append((w, b, torch.from_numpy(go)))
+            layers.append((w, b, torch.from_numpy(group_of(perm, cube.n_vertices))))
 
         def choose(i, x, a):
             w, b, go = layers[i]

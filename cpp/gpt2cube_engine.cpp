@@ -73,7 +73,7 @@ struct g2c_engine {
     int n_layer = 0, n_embd = 0, n_head = 0, n_ff = 0, n_vocab = 0, n_ctx_train = 0, n_ctx = 0;
     float eps = 1e-5f;
     int dim = 0, n_vertices = 0, group = 0;
-    std::vector<float> comp_data;               // (L, d, V, E) hypercube.compensation; empty: none (schema 1)
+    std::vector<float> comp_data;               // (L, d, V, E) hypercube.compensation; empty: none (schema 1); released once uploaded
     int n_past = 0;
     ggml_type kv_type = GGML_TYPE_F16;
     bool repack = true;   // CPU weight repacking (ggml's extra buffer types), as llama.cpp does by default
@@ -400,6 +400,7 @@ struct g2c_engine {
                 ggml_backend_tensor_set(layers[i].comp, comp_data.data() + (size_t) i * dim * n_vertices * n_embd, 0,
                                         ggml_nbytes(layers[i].comp));
         }
+        std::vector<float>().swap(comp_data);  // the backend holds it now
         if (dim) {
             std::vector<float> s((size_t) dim * n_vertices);
             for (int v = 0; v < n_vertices; ++v)

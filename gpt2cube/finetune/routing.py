@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import InputError
 from ..hypercube.calibrate import default_radius
 from ..hypercube.metadata import HypercubeInfo, read_routing_file
+from ..hypercube.router import group_of
 from ..hypercube.topology import Hypercube
 
 
@@ -43,12 +44,8 @@ class RoutingMask:
         self.radius = radius
         cube = Hypercube(d)
         ball = torch.from_numpy((cube.distances() <= radius).astype(np.float32))        # (V, V)
-        g = self.info.group_size
-        # mask[v, j] over checkpoint neurons j: file position p holds neuron perm[p], group p // g
-        group_of = np.empty(self.info.permutation.shape, np.int64)
-        for layer, perm in enumerate(self.info.permutation):
-            group_of[layer, perm] = np.arange(len(perm)) // g
-        self._masks = [ball[:, torch.from_numpy(go)] for go in group_of]                 # L x (V, F)
+        # mask[v, j] over the checkpoint's neurons j: 1 where j's group is in the ball of v
+        self._masks = [ball[:, torch.from_numpy(group_of(p, cube.n_vertices))] for p in self.info.permutation]  # L x (V, F)
         self._w = [torch.from_numpy(w) for w in self.info.router_weight]
         self._b = [torch.from_numpy(b) for b in self.info.router_bias]
         self._pow = 2 ** torch.arange(d)

@@ -34,11 +34,12 @@ class HypercubeOptions:
     def prepare(self, ckpt, arch, planned, log: Callable[[str], None]) -> "HypercubeBuild":
         """The converter's extension hook: check against the model and ffn_down's planned
         types, then calibrate."""
-        if self.source is not None:
-            self.dim = routing_from(self.source, arch).dim
+        reused = routing_from(self.source, arch) if self.source is not None else None
+        if reused is not None:
+            self.dim = reused.dim
         check_options(self, arch.n_ff, arch.n_layer,
                       [p.qtype for p in planned if p.spec.gguf_name.endswith(".ffn_down.weight")])
-        return build_hypercube(ckpt, arch, self, log)
+        return build_hypercube(ckpt, arch, self, log, reused)
 
 
 @dataclass
@@ -99,10 +100,12 @@ def routing_from(path: Path, arch) -> Calibration:
                        info.router_radius, info.compensation)
 
 
-def build_hypercube(ckpt, arch, opts: HypercubeOptions, log: Callable[[str], None]) -> HypercubeBuild:
-    model = None if opts.source is not None and opts.concepts is None else checkpoint_model(ckpt, arch)  # our loader
-    if opts.source is not None:
-        cal = routing_from(opts.source, arch)
+def build_hypercube(ckpt, arch, opts: HypercubeOptions, log: Callable[[str], None],
+                    reused: Calibration | None = None) -> HypercubeBuild:
+    """Calibrate (or take `reused`, read from opts.source), then the concept map."""
+    model = None if reused is not None and opts.concepts is None else checkpoint_model(ckpt, arch)  # our loader
+    if reused is not None:
+        cal = reused
         log(f"hypercube: Q_{cal.dim} routers and groups taken from {opts.source} ({cal.method})")
     else:
         tokens, sha = calibration_tokens(opts.calib, opts.calib_tokens, arch.n_vocab)

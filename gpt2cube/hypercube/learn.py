@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .router import LayerRouter, fit_router, route
+from .router import LayerRouter, fit_router, group_of, route
 from .topology import Hypercube
 
 
@@ -38,9 +38,7 @@ def contributions(act: np.ndarray, down_weight: np.ndarray) -> np.ndarray:
 def _groups(vertex: np.ndarray, contrib: np.ndarray, ball: np.ndarray, cube: Hypercube) -> np.ndarray:
     """owner (F,) vertex of each neuron: balanced groups maximising the mass their balls cover."""
     V, F = cube.n_vertices, contrib.shape[1]
-    onehot = np.zeros((len(vertex), V), np.float32)
-    onehot[np.arange(len(vertex)), vertex] = 1
-    mass = onehot.T @ contrib  # (V, F): each vertex's tokens' mass per neuron
+    mass = _onehot(vertex, V).T @ contrib  # (V, F): each vertex's tokens' mass per neuron
     cover = ball @ mass  # (V, F): mass of neuron j computed if it sits at u
     order = np.argsort(-cover, axis=None, kind="stable")
     owner = np.full(F, -1)
@@ -52,11 +50,15 @@ def _groups(vertex: np.ndarray, contrib: np.ndarray, ball: np.ndarray, cube: Hyp
     return owner
 
 
+def _onehot(index: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((len(index), n), np.float32)
+    out[np.arange(len(index)), index] = 1
+    return out
+
+
 def _group_mass(contrib: np.ndarray, owner: np.ndarray, n_vertices: int) -> np.ndarray:
     """(N, V) each token's mass in each group."""
-    onehot = np.zeros((len(owner), n_vertices), np.float32)
-    onehot[np.arange(len(owner)), owner] = 1
-    return contrib @ onehot
+    return contrib @ _onehot(owner, n_vertices)
 
 
 def learn_router(x: np.ndarray, contrib: np.ndarray, cube: Hypercube, radius: int, *, rounds: int = 4,
@@ -100,8 +102,6 @@ def learn_router(x: np.ndarray, contrib: np.ndarray, cube: Hypercube, radius: in
 def covered_share(x: np.ndarray, contrib: np.ndarray, lr_: LayerRouter, cube: Hypercube, radius: int) -> float:
     """Share of the calibration tokens' FFN mass that the routed ball computes."""
     ball = (cube.distances() <= min(radius, cube.dim)).astype(np.float32)
-    owner = np.empty(len(lr_.perm), np.int64)
-    owner[lr_.perm] = np.arange(len(lr_.perm)) // (len(lr_.perm) // cube.n_vertices)
-    mass = _group_mass(contrib, owner, cube.n_vertices)
+    mass = _group_mass(contrib, group_of(lr_.perm, cube.n_vertices), cube.n_vertices)
     v = route(x, lr_.weight, lr_.bias)
     return float((mass @ ball)[np.arange(len(v)), v].sum() / max(mass.sum(), 1e-30))

@@ -19,6 +19,15 @@ class LayerRouter:
     counts: np.ndarray  # (2^d,) calibration tokens routed to each vertex
 
 
+def group_of(perm: np.ndarray, n_vertices: int) -> np.ndarray:
+    """(F,) vertex group of each source neuron: file position p holds neuron perm[p], in group
+    p // (F / 2^d)."""
+    perm = np.asarray(perm)
+    out = np.empty(len(perm), np.int64)
+    out[perm] = np.arange(len(perm)) // (len(perm) // n_vertices)
+    return out
+
+
 def route(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     """(N, E) FFN inputs -> (N,) vertex ids."""
     return vertex_of(np.asarray(x, np.float32) @ weight.T + bias)
