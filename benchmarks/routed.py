@@ -11,10 +11,12 @@ The model is converted with --hypercube-dim D, calibrated on a training book (pg
 held-out one) with recipes/concepts.txt. Per type: llama.cpp (dense, its default CPU repacking),
 the engine dense, and the engine at radius 0..D-1, each with PPL on The Time Machine (pg35,
 held out; windows of 512, second half scored) and prompt (pp) / generation (tg) tokens per
-second (median of --repeats; ratios against llama.cpp measured in the same run), and the share of
-the weight bytes a generated token reads (the ball's share of ffn_up/ffn_down + everything
-else). No memory-bandwidth bound is printed: this machine's bandwidth is not measured. Prints JSON
-and a table; writes DIR/routed.json. Run it on an otherwise idle machine: ggml's threads spin.
+second (the median of --repeats rounds after a warm-up round; in each round llama.cpp and every
+engine setting run in turn, so ratios compare runs made side by side), the share of the weight
+bytes a generated token reads (the ball's share of ffn_up/ffn_down + everything else), and the
+memory-bandwidth bound for those bytes (tg <= read bandwidth / bytes per token; the bandwidth is
+measured here, a threaded sum over 1 GiB, and is in the JSON's meta). Prints JSON and a table;
+writes DIR/routed.json. Run it on an otherwise idle machine: ggml's threads spin.
 """
 
 from __future__ import annotations
@@ -31,17 +33,43 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import print_report  # noqa: E402
 
 
-def speed(run_prompt, run_token, prompt: list[int], n_gen: int, repeats: int) -> tuple[float, float]:
-    pp, tg = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run_prompt(prompt)
-        pp.append(len(prompt) / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        for i in range(n_gen):
-            run_token(prompt[i % len(prompt)])
-        tg.append(n_gen / (time.perf_counter() - t0))
-    return statistics.median(pp), statistics.median(tg)
+def interleaved_speed(configs: dict, prompt: list[int], n_gen: int, repeats: int) -> dict:
+    """{name: (run_prompt, run_token)} -> {name: (pp, tg)} tokens/s, the median of `repeats`
+    rounds, each round measuring every configuration once in turn (llama.cpp and each engine
+    setting alternate, so a slower or faster stretch of a shared machine hits them alike). A
+    warm-up round first (graph builds, first touch of buffers)."""
+    runs: dict = {name: ([], []) for name in configs}
+    for rnd in range(repeats + 1):
+        for name, (run_prompt, run_token) in configs.items():
+            t0 = time.perf_counter()
+            run_prompt(prompt)
+            pp_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i in range(n_gen):
+                run_token(prompt[i % len(prompt)])
+            tg_s = time.perf_counter() - t0
+            if rnd:
+                runs[name][0].append(len(prompt) / pp_s)
+                runs[name][1].append(n_gen / tg_s)
+    return {name: (statistics.median(pp), statistics.median(tg)) for name, (pp, tg) in runs.items()}
+
+
+def memory_bandwidth(threads: int, mib: int = 1024, repeats: int = 5) -> float:
+    """Bytes/s this machine reads: the best of `repeats` sums of a `mib` MiB array split over
+    `threads` threads (numpy releases the GIL in its loops). An upper bound on what a token's
+    weight reads can use; tg can be at most bandwidth / bytes read per token."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = np.ones(mib << 18, dtype=np.float32)
+    parts = np.array_split(a, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best
 
 
 def weight_bytes(path: Path) -> dict:
@@ -93,6 +121,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     text = (books / "pg35.txt").read_text(encoding="utf-8")
     rows = []
+    bandwidth = memory_bandwidth(args.threads)
     for qtype in args.types:
         path = args.out / f"reference-{qtype}-cube{args.dim}.gguf"
         convert(args.model, path, qtype, force=True, progress=False, log=lambda m: None,
@@ -103,36 +132,46 @@ def main() -> None:
         prompt = tok.encode(text)[: args.n_prompt]
         tok.close()
 
-        llm = load_llama(path, n_ctx=args.n_prompt + args.n_gen + 8, n_threads=args.threads)
-        def lp(p):
+        n_ctx = args.n_prompt + args.n_gen + 8
+        llm = load_llama(path, n_ctx=n_ctx, n_threads=args.threads)
+        eng = RoutedModel(path, n_ctx=n_ctx, n_threads=args.threads)
+
+        def llama_prompt(p):
             llm.reset()
             llm.eval(p)
-        pp, tg = speed(lp, lambda t: llm.eval([t]), prompt, args.n_gen, args.repeats)
+
+        def engine_runs(radius):
+            def run_prompt(p):
+                eng.reset()
+                eng.eval(p, radius, all_logits=False)  # llama.cpp computes the last position's only, too
+            return run_prompt, lambda t: eng.eval([t], radius, all_logits=False)
+
+        radii = [None, *range(args.dim)]
+        configs = {"llama": (llama_prompt, lambda t: llm.eval([t]))}
+        configs.update({("engine", r): engine_runs(r) for r in radii})
+        speeds = interleaved_speed(configs, prompt, args.n_gen, args.repeats)
         llm.close()
+        eng.close()
+        total = read["other"] + read["ffn"]
+        base_pp, base_tg = speeds["llama"]
         ppl = None if args.speed_only else llama_perplexity(path, text, 512, max_windows=args.max_windows,
                                                             n_threads=args.threads).ppl
-        base = {"pp": pp, "tg": tg}
         rows.append({"type": qtype, "engine": "llama.cpp (dense)", "radius": "-", "ffn_groups": f"{2**args.dim}/{2**args.dim}",
-                     "weight_bytes_share": 1.0,
-                     "ppl": ppl and round(ppl, 2), "pp_tok_s": round(pp, 1), "tg_tok_s": round(tg, 1),
-                     "pp_vs_llama": 1.0, "tg_vs_llama": 1.0})
-        for radius in [None, *range(args.dim)]:
-            with RoutedModel(path, n_ctx=args.n_prompt + args.n_gen + 8, n_threads=args.threads) as eng:
-                def ep(p, eng=eng, radius=radius):
-                    eng.reset()
-                    eng.eval(p, radius, all_logits=False)  # llama.cpp computes the last position's only, too
-                pp, tg = speed(ep, lambda t, eng=eng, radius=radius: eng.eval([t], radius, all_logits=False),
-                               prompt, args.n_gen, args.repeats)
+                     "weight_bytes_share": 1.0, "ppl": ppl and round(ppl, 2), "pp_tok_s": round(base_pp, 1),
+                     "tg_tok_s": round(base_tg, 1), "pp_vs_llama": 1.0, "tg_vs_llama": 1.0,
+                     "tg_bound_tok_s": round(bandwidth / total, 1)})
+        for radius in radii:
+            pp, tg = speeds[("engine", radius)]
             ppl = None if args.speed_only else routed_perplexity(path, text, 512, radius, max_windows=args.max_windows,
                                                                  n_threads=args.threads).ppl
             used = Hypercube(args.dim).ball_size(args.dim if radius is None else radius)
-            share = used / 2**args.dim
+            read_bytes = read["other"] + used / 2**args.dim * read["ffn"]
             rows.append({"type": qtype, "engine": "routed engine", "radius": "dense" if radius is None else radius,
-                         "ffn_groups": f"{used}/{2**args.dim}",
-                         "weight_bytes_share": round((read["other"] + share * read["ffn"]) / (read["other"] + read["ffn"]), 3), "ppl": ppl and round(ppl, 2), "pp_tok_s": round(pp, 1),
-                         "tg_tok_s": round(tg, 1), "pp_vs_llama": round(pp / base["pp"], 3),
-                         "tg_vs_llama": round(tg / base["tg"], 3)})
-    meta = {"model": str(args.model), "kv_cache": "f16 (both)", "dim": args.dim, "threads": args.threads, "repeats": args.repeats,
+                         "ffn_groups": f"{used}/{2**args.dim}", "weight_bytes_share": round(read_bytes / total, 3),
+                         "ppl": ppl and round(ppl, 2), "pp_tok_s": round(pp, 1), "tg_tok_s": round(tg, 1),
+                         "pp_vs_llama": round(pp / base_pp, 3), "tg_vs_llama": round(tg / base_tg, 3),
+                         "tg_bound_tok_s": round(bandwidth / read_bytes, 1)})
+    meta = {"model": str(args.model), "kv_cache": "f16 (both)", "measured_read_bandwidth_gb_s": round(bandwidth / 1e9, 2), "dim": args.dim, "threads": args.threads, "repeats": args.repeats,
             "n_prompt": args.n_prompt, "n_gen": args.n_gen, "ppl_text": "pg35 (held out)",
             "ppl_windows": args.max_windows, "calibration": "pg11, 16384 tokens"}
     print_report(rows, meta, args.out / "routed.json")

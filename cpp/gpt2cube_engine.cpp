@@ -7,7 +7,10 @@
 // The graph is llama.cpp's GPT-2 (src/models/gpt2.cpp, read, not copied): pre-norm blocks,
 // fused QKV, causal soft-max attention scaled by 1/sqrt(hd), GELU FFN, tied or separate head.
 // KV cache in f16 (llama.cpp's default) or f32, written with ggml_set_rows at positions given as
-// an input, so one graph serves every step of a generation: graphs are cached by (tokens per
+// an input, V transposed ([n_ctx, E], element e of position p at e n_ctx + p, as llama.cpp keeps
+// it without flash attention) so attention reads it as [n_kv, hd, H] rows without a per-step copy
+// of the cache (that copy cost a third of the generation step at 300 cached tokens on the 124M
+// shape); one graph serves every step of a generation: graphs are cached by (tokens per
 // call, path, radius, logits wanted, padded KV length) and reused without rebuilding or
 // re-allocating, as llama.cpp reuses its graphs. The routed FFN: router margins m = W x + b (d, n); vertex = argmax over V of
 // S^T sgn(m), where S[k, v] = +1 if bit k of v is set, else -1 (the vertex whose bits agree with
@@ -53,7 +56,9 @@ struct layer {
     ggml_tensor *up_exps = nullptr;                            // [E, g, V] plain copy when `up` is repacked
     ggml_tensor *router_w = nullptr, *router_b = nullptr;      // [E, d], [d]
     ggml_tensor *comp = nullptr;                               // [E, d V]: row r V + v, schema 2's compensation
-    ggml_tensor *k_cache = nullptr, *v_cache = nullptr;        // [E, n_ctx] kv_type
+    ggml_tensor *k_cache = nullptr;                            // [E, n_ctx] kv_type
+    ggml_tensor *v_cache = nullptr;                            // [n_ctx, E] kv_type: transposed, as llama.cpp
+                                                               // keeps it without flash attention
 };
 
 bool supported_weight_type(ggml_type t) {
@@ -106,7 +111,7 @@ struct g2c_engine {
         }
     };
     struct graph_io {
-        ggml_tensor *tokens, *pos, *kv_idx, *mask, *logits;
+        ggml_tensor *tokens, *pos, *kv_idx, *v_idx, *mask, *logits;
         std::vector<ggml_tensor *> vertex;
     };
     ggml_context * gctx = nullptr;
@@ -327,7 +332,7 @@ struct g2c_engine {
         for (int i = 0; i < n_layer; ++i) {
             layer & L = layers[i];
             L.k_cache = ggml_new_tensor_2d(xctx, kv_type, n_embd, n_ctx);
-            L.v_cache = ggml_new_tensor_2d(xctx, kv_type, n_embd, n_ctx);
+            L.v_cache = ggml_new_tensor_2d(xctx, kv_type, n_ctx, n_embd);
             if (dim) {
                 L.down_exps = ggml_new_tensor_3d(xctx, L.down->type, group, n_embd, n_vertices);
                 // the expert path reads ffn_up as [E, g, V]: a repacked ffn_up cannot be viewed so
@@ -495,7 +500,7 @@ struct g2c_engine {
     // of radius r (r < 0: dense), plus attention over n_ctx keys; eval() cuts a batch into
     // micro-batches that keep this under kBatchBudget.
     size_t bytes_per_token(int r, bool experts) const {
-        size_t b = (size_t) n_ctx * n_head * 4 * 3 + (size_t) n_ff * 4 * 4 + (size_t) n_embd * 4 * 16;
+        size_t b = (size_t) n_ctx * n_head * 4 * 3 + (size_t) n_ff * 4 * 4 + (size_t) n_embd * 4 * 16 + (size_t) n_embd * 8;  // + the transposed V write's indices
         if (r >= 0 && (experts || use_experts(r))) {
             const size_t B = balls[r]->ne[0];
             b += (size_t) n_vertices * B * 16             // mul_mat_id's row mapping: [V][B n] entries
@@ -554,8 +559,9 @@ struct g2c_engine {
         io.tokens = ggml_new_tensor_1d(c, GGML_TYPE_I32, n);
         io.pos = ggml_new_tensor_1d(c, GGML_TYPE_I32, n);
         io.kv_idx = ggml_new_tensor_1d(c, GGML_TYPE_I64, n);
+        io.v_idx = ggml_new_tensor_1d(c, GGML_TYPE_I64, (int64_t) E * n);
         io.mask = ggml_new_tensor_2d(c, GGML_TYPE_F32, n_kv, n);
-        for (ggml_tensor * t : {io.tokens, io.pos, io.kv_idx, io.mask}) ggml_set_input(t);
+        for (ggml_tensor * t : {io.tokens, io.pos, io.kv_idx, io.v_idx, io.mask}) ggml_set_input(t);
         ggml_tensor * x = ggml_add(c, ggml_get_rows(c, tok_embd, io.tokens), ggml_get_rows(c, pos_embd, io.pos));
         const bool routed = dim && (experts || (radius >= 0 && radius < dim));
         const int r = radius < 0 || radius > dim ? dim : radius;
@@ -566,11 +572,13 @@ struct g2c_engine {
             ggml_tensor * q = ggml_view_3d(c, qkv, hd, H, n, hd * sizeof(float), qkv->nb[1], 0);
             ggml_tensor * k = ggml_view_2d(c, qkv, E, n, qkv->nb[1], E * sizeof(float));
             ggml_tensor * v = ggml_view_2d(c, qkv, E, n, qkv->nb[1], 2 * E * sizeof(float));
-            // write K and V at the rows kv_idx (n_past..) of the cache; these run before the reads
+            // write K at the rows kv_idx (n_past..) of the cache and V, transposed, element by
+            // element at v_idx (e n_ctx + position); these run before the reads
             ggml_build_forward_expand(gf, ggml_set_rows(c, L.k_cache, k, io.kv_idx));
-            ggml_build_forward_expand(gf, ggml_set_rows(c, L.v_cache, v, io.kv_idx));
+            ggml_tensor * v_elems = ggml_reshape_2d(c, ggml_cont(c, v), 1, (int64_t) E * n);
+            ggml_build_forward_expand(gf, ggml_set_rows(c, ggml_reshape_2d(c, L.v_cache, 1, (int64_t) E * n_ctx), v_elems, io.v_idx));
             ggml_tensor * K = ggml_permute(c, ggml_view_3d(c, L.k_cache, hd, H, n_kv, ggml_row_size(kv_type, hd), L.k_cache->nb[1], 0), 0, 2, 1, 3);  // [hd, n_kv, H]
-            ggml_tensor * V = ggml_cont(c, ggml_permute(c, ggml_view_3d(c, L.v_cache, hd, H, n_kv, ggml_row_size(kv_type, hd), L.v_cache->nb[1], 0), 1, 2, 0, 3));  // [n_kv, hd, H]
+            ggml_tensor * V = ggml_view_3d(c, L.v_cache, n_kv, hd, H, L.v_cache->nb[1], L.v_cache->nb[1] * hd, 0);  // [n_kv, hd, H]
             ggml_tensor * Q = ggml_permute(c, q, 0, 2, 1, 3);                                // [hd, n, H]
             ggml_tensor * kq = ggml_soft_max_ext(c, ggml_mul_mat(c, K, Q), io.mask, 1.0f / sqrtf((float) hd), 0.0f);  // [n_kv, n, H]
             ggml_tensor * o = ggml_permute(c, ggml_mul_mat(c, V, kq), 0, 2, 1, 3);          // [hd, H, n]
@@ -651,14 +659,18 @@ struct g2c_engine {
         }
         const graph_io & io = cached_io;
         std::vector<int32_t> pos(u);
-        std::vector<int64_t> idx(u);
-        for (int i = 0; i < u; ++i) pos[i] = n_past + i, idx[i] = n_past + i;
+        std::vector<int64_t> idx(u), v_idx((size_t) u * n_embd);
+        for (int i = 0; i < u; ++i) {
+            pos[i] = n_past + i, idx[i] = n_past + i;
+            for (int e = 0; e < n_embd; ++e) v_idx[(size_t) i * n_embd + e] = (int64_t) e * n_ctx + n_past + i;
+        }
         std::vector<float> mask((size_t) n_kv * u);
         for (int i = 0; i < u; ++i)
             for (int j = 0; j < n_kv; ++j) mask[(size_t) i * n_kv + j] = j <= n_past + i ? 0.0f : -INFINITY;
         ggml_backend_tensor_set(io.tokens, tokens, 0, u * sizeof(int32_t));
         ggml_backend_tensor_set(io.pos, pos.data(), 0, u * sizeof(int32_t));
         ggml_backend_tensor_set(io.kv_idx, idx.data(), 0, u * sizeof(int64_t));
+        ggml_backend_tensor_set(io.v_idx, v_idx.data(), 0, v_idx.size() * sizeof(int64_t));
         ggml_backend_tensor_set(io.mask, mask.data(), 0, mask.size() * sizeof(float));
         if (ggml_backend_sched_graph_compute(sched, cached_gf) != GGML_STATUS_SUCCESS) {
             cached_gf = nullptr;  // rebuilt next time
