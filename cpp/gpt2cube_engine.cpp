@@ -53,7 +53,7 @@ struct layer {
     ggml_tensor *attn_norm, *attn_norm_b, *wqkv, *bqkv, *wo, *bo;
     ggml_tensor *ffn_norm, *ffn_norm_b, *up, *up_b, *down, *down_b;
     ggml_tensor *down_exps = nullptr;                          // [g, E, V]
-    ggml_tensor *up_exps = nullptr;                            // [E, g, V] plain copy when `up` is repacked
+    ggml_tensor *up_exps = nullptr;                            // [E, g, V] copy of `up` when that is repacked
     ggml_tensor *router_w = nullptr, *router_b = nullptr;      // [E, d], [d]
     ggml_tensor *comp = nullptr;                               // [E, d V]: row r V + v, schema 2's compensation
     ggml_tensor *k_cache = nullptr;                            // [E, n_ctx] kv_type
@@ -428,9 +428,9 @@ struct g2c_engine {
         }
     }
 
-    // Weights that multiply activations densely (attn_qkv, attn_output, ffn_up, ffn_down, an
-    // untied head; the routed expert path reads its own plain copies, up_exps and down_exps) go
-    // to the first of the CPU's extra buffer types that takes them: ggml's repacked
+    // Weights that multiply activations (attn_qkv, attn_output, ffn_up, ffn_down, an untied head,
+    // and the routed path's expert copies up_exps and down_exps, read by mul_mat_id) go to the
+    // first of the CPU's extra buffer types that takes them: ggml's repacked
     // (interleaved) layouts for Q4_0 / Q4_K / IQ4_NL / Q8_0 where the CPU has the kernels, chosen
     // as llama.cpp chooses (a dummy buffer of that type, then supports_op on a mul_mat).
     void alloc_repacked() {
@@ -442,10 +442,8 @@ struct g2c_engine {
         ggml_backend_buffer_type_t * extra = get(dev);
         std::vector<ggml_tensor *> cands;
         for (layer & L : layers) {
-            cands.push_back(L.wqkv);
-            cands.push_back(L.wo);
-            cands.push_back(L.up);
-            cands.push_back(L.down);
+            for (ggml_tensor * w : {L.wqkv, L.wo, L.up, L.down, L.up_exps, L.down_exps})
+                if (w) cands.push_back(w);
         }
         if (output != tok_embd) cands.push_back(output);  // a tied head is also get_rows' table
         ggml_init_params p = {ggml_tensor_overhead() * 4, nullptr, true};
@@ -453,7 +451,12 @@ struct g2c_engine {
             for (ggml_backend_buffer_type_t * b = extra; b && *b; ++b) {
                 ggml_context * c = ggml_init(p);
                 std::unique_ptr<ggml_context, void (*)(ggml_context *)> guard(c, ggml_free);
-                ggml_tensor * op = ggml_mul_mat(c, w, ggml_new_tensor_2d(c, GGML_TYPE_F32, w->ne[0], 512));
+                // the expert tensors [.., .., V] are read by mul_mat_id, which ggml's repacked
+                // layouts also serve (one 2-D repack per expert)
+                ggml_tensor * op = w->ne[2] == 1
+                    ? ggml_mul_mat(c, w, ggml_new_tensor_2d(c, GGML_TYPE_F32, w->ne[0], 512))
+                    : ggml_mul_mat_id(c, w, ggml_new_tensor_3d(c, GGML_TYPE_F32, w->ne[0], 1, 512),
+                                      ggml_new_tensor_2d(c, GGML_TYPE_I32, 1, 512));
                 w->buffer = ggml_backend_buft_alloc_buffer(*b, 0);
                 const bool ok = ggml_backend_dev_supports_op(dev, op);
                 ggml_backend_buffer_free(w->buffer);

@@ -85,11 +85,13 @@ def test_repacking_off_equals_llama_cpp_with_it_off(engine_lib, cube_file, check
         got, _ = m.eval(prompt_tokens)
         assert m.n_repacked == 0
     assert np.abs(got - ref).max() / ref.std() < 2e-3
-    for f in (path, tmp_path / "plain.gguf"):
+    for f, experts in ((path, 2 * 2), (tmp_path / "plain.gguf", 0)):
         if not f.exists():
             convert(checkpoints["small"][0], f, qtype, progress=False, log=lambda m: None)
         with _model(f) as m:
-            assert m.n_repacked == 2 * 4  # 2 layers x 4 projections (this CPU has the kernels)
+            # 2 layers x 4 projections, and in a hypercube file each layer's 2 expert copies that
+            # mul_mat_id reads (this CPU has the kernels)
+            assert m.n_repacked == 2 * 4 + experts
 
 
 @pytest.mark.parametrize("qtype", ["f32", "q4_k", "tq2_0"])
@@ -137,15 +139,21 @@ def test_routed_mode_equals_torch_reference(engine_lib, cube_file, prompt_tokens
     assert np.abs(ref - dense).max() / ref.std() > 10 * tol  # routing really changed the output
 
 
-@pytest.mark.parametrize("qtype", ["q4_k", "tq2_0"])
-def test_expert_path_at_full_radius_equals_dense(engine_lib, cube_file, prompt_tokens, qtype):
-    with _model(cube_file(qtype), repack=False) as m:  # both paths in ggml's plain layouts
+@pytest.mark.parametrize("qtype,repack", [("q4_k", False), ("tq2_0", False), ("q4_0", True), ("q4_k", True)])
+def test_expert_path_at_full_radius_equals_dense(engine_lib, cube_file, prompt_tokens, qtype, repack):
+    """Both paths in ggml's plain layouts, or both repacked (the default: mul_mat_id then reads
+    the repacked expert copies)."""
+    with _model(cube_file(qtype), repack=repack) as m:
         dense, _ = m.eval(prompt_tokens)
         m.reset()
         experts, vertices = m.eval(prompt_tokens, 2, experts=True, want_vertices=True)
     assert vertices.shape == (2, len(prompt_tokens)) and vertices.min() >= 0 and vertices.max() < 4
-    # ggml_mul_mat_id over all 4 groups + summing the group outputs vs one mul_mat: order of sums only
-    assert np.abs(experts - dense).max() / dense.std() < 2e-3
+    # ggml_mul_mat_id over all 4 groups + summing the group outputs vs one mul_mat: order of sums
+    # only; except that ggml's repacked Q4_K kernels also round by batch shape (4-column gemm tiles
+    # or gemv): the same dense model run as one batch and token by token differs by 0.039 x std
+    # here, so the bound for that case is 0.05 (measured 0.013)
+    tol = 0.05 if repack and qtype == "q4_k" else 2e-3
+    assert np.abs(experts - dense).max() / dense.std() < tol
 
 
 def test_kv_cache_continues_exactly(engine_lib, cube_file, prompt_tokens):
