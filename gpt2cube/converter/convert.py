@@ -30,6 +30,7 @@ from .arch import Architecture, arch_for
 from .checkpoint import Checkpoint, open_checkpoint
 from .plan import PlannedTensor, Recipe, plan_types
 from .tokenizer import load_vocab
+from .writer import ArrayPackingWriter
 
 
 class PreparedExtension(Protocol):
@@ -118,7 +119,7 @@ def convert(
         log(f"warning: {w}")
     cube = hypercube.prepare(ckpt, arch, planned, log) if hypercube is not None else None
 
-    writer = GGUFWriter(path=None, arch=arch.gguf_arch)
+    writer = ArrayPackingWriter(path=None, arch=arch.gguf_arch)
     _write_metadata(writer, ckpt, arch, vocab, planned, recipe)
     if cube is not None:
         cube.write_metadata(writer)
