@@ -128,7 +128,8 @@ def test_q4_0_bytes_equal_ggml_reference():
     assert get_quant_type("q4_0").quantize(x).tobytes() == ggml_quantize(x, get_quant_type("q4_0").ggml_type).tobytes()
 
 
-@pytest.mark.parametrize("dist", ["normal", "student_t3", "laplace", "uniform", "half_zero", "wide_range"])
+@pytest.mark.parametrize("dist", ["normal", "student_t3", "laplace", "uniform", "gamma", "outliers", "half_zero",
+                                  "wide_range"])
 def test_q6_k_error_below_ggml_reference(dist):
     """Q6_K's squared error at or below ggml's reference quantizer's (what llama-quantize writes
     without an importance matrix) on every weight distribution, its bytes decoded by gguf-py."""
@@ -136,6 +137,8 @@ def test_q6_k_error_below_ggml_reference(dist):
     shape = (48, 1024)
     x = {"normal": lambda: rng.normal(size=shape) * 0.02, "student_t3": lambda: rng.standard_t(3, size=shape),
          "laplace": lambda: rng.laplace(size=shape), "uniform": lambda: rng.uniform(-1, 1, size=shape),
+         "gamma": lambda: rng.gamma(2, size=shape),  # all positive
+         "outliers": lambda: rng.normal(size=shape) * np.where(rng.random(shape) < 0.01, 30, 1),
          "half_zero": lambda: np.where(rng.random(shape) < 0.5, 0, rng.normal(size=shape)),
          # rows from 1e-12 (squares in float32's subnormals) to 1e6
          "wide_range": lambda: rng.normal(size=shape) * np.logspace(-12, 6, 48)[:, None]}[dist]()
