@@ -5,7 +5,7 @@ the speed and size of pruned files on the GPT-2 124M shape.
     python benchmarks/pruning.py [--workdir DIR] [--reference models/reference]
         [--fractions 0.1 0.25 0.5] [--measures activation taylor magnitude random] [--seeds 0 1]
         [--recover activation taylor] [--recover-tokens 409600] [--recover-at 0.1 0.25] [--type f16] [--max-windows 40]
-        [--spam-limit N] [--calib-tokens 65536] [--threads 2] [--repeats 3] [--no-124m] [--resume]
+        [--spam-limit N] [--calib-tokens 65536] [--threads 2] [--repeats 3] [--no-124m | --only-124m] [--resume]
 
 Quality rows (reference model): the unpruned file (f16 and q4_k), then fraction x measure x seed
 (bias compensation on; calibration: --calib-tokens tokens of the training books, pg35 and the
@@ -19,8 +19,8 @@ i.e. Q4_K) beside the unpruned q4_k file.
 Columns: held-out PPL (pg35, llama.cpp, --max-windows windows of 512), spam F1 (the model
 answering, label likelihood, calibrated threshold and threshold 0, deduplicated stratified test
 split), parameters, file MB; the summary table gives mean +- standard deviation over seeds.
-Speed, measured after all training and evaluation, back to back (pp384 / tg128 t/s, `gpt2cube
-bench`, median of --repeats): on the reference, the unpruned file and one file per fraction (files
+Speed, measured after all training and evaluation (pp384 / tg128 t/s, `gpt2cube bench`, the
+median of --repeats rounds, each round benching every file once in turn): on the reference, the unpruned file and one file per fraction (files
 of one fraction have the same shapes); on the GPT-2 124M shape (random weights: speed and size do
 not depend on them), Q4_K files with the FFN width of each fraction and of the recipe, each
 against the unpruned 124M Q4_K file in the same run.
@@ -70,11 +70,22 @@ def quality(gguf: Path, args) -> dict:
             "spam_f1_answer": round(s["label_likelihood"]["answer"]["f1"], 4), "file_mb": round(gguf.stat().st_size / 1e6, 2)}
 
 
-def speed(gguf: Path, args) -> dict:
+def interleaved_speed(files: list[Path], args) -> dict[Path, dict]:
+    """pp384 / tg128 t/s of each file (`gpt2cube bench`, its own warm-up), the median of
+    --repeats rounds; each round benches every file once, in turn, so a slower stretch of this
+    shared machine hits them all alike and the ratios compare runs made side by side."""
+    import statistics
+
     from gpt2cube.eval.bench import bench
 
-    b = bench(gguf, n_prompt=384, n_gen=128, repeats=args.repeats, n_threads=args.threads)
-    return {"pp_t_s": round(b["pp_tok_s_median"], 1), "tg_t_s": round(b["tg_tok_s_median"], 1)}
+    runs: dict[Path, tuple[list, list]] = {f: ([], []) for f in files}
+    for _ in range(args.repeats):
+        for f in files:
+            b = bench(f, n_prompt=384, n_gen=128, repeats=1, n_threads=args.threads)
+            runs[f][0].append(b["pp_tok_s_median"])
+            runs[f][1].append(b["tg_tok_s_median"])
+    return {f: {"pp_t_s": round(statistics.median(pp), 1), "tg_t_s": round(statistics.median(tg), 1)}
+            for f, (pp, tg) in runs.items()}
 
 
 def ffn_width(ckpt: Path) -> int:
@@ -100,6 +111,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-124m", action="store_true", help="skip the 124M-shape speed and size rows")
+    ap.add_argument("--only-124m", action="store_true", help="only the 124M-shape speed and size rows")
     ap.add_argument("--resume", action="store_true", help="keep the rows of WORKDIR/pruning.partial.json")
     args = ap.parse_args()
     if not DATA.is_dir():
@@ -117,6 +129,15 @@ def main() -> None:
     wd = args.workdir
     wd.mkdir(parents=True, exist_ok=True)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.only_124m:
+        shape_rows = speed_124m(args, wd, load_prune_recipe(RECIPE), Recipe(linear="q4_k", patterns=load_recipe_file(RECIPE)), log)
+        report = {"meta": {"threads": args.threads, "repeats": args.repeats, "speed": "pp384 / tg128, gpt2cube bench, "
+                           "median of --repeats interleaved rounds"}, "gpt2_124m_shape": shape_rows}
+        (wd / "pruning-124m.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report, indent=2))
+        print()
+        print(table(shape_rows, SHAPE_COLS))
+        return
     calib = [str(p) for p in calibration_files()]
     partial = wd / "pruning.partial.json"
     done = {r["name"]: r for r in json.loads(partial.read_text())} if args.resume and partial.exists() else {}
@@ -199,12 +220,12 @@ def main() -> None:
         r["ppl_ratio"] = round(r["ppl_pg35"] / rows[0]["ppl_pg35"], 3)
         if r["recovered"] and control is not None:  # against the same fine-tuning of the unpruned model
             r["ppl_ratio_vs_control"] = round(r["ppl_pg35"] / control["ppl_pg35"], 3)
-    by_shape: dict[tuple, dict] = {}
+    one_file: dict[tuple, Path] = {}  # files of one shape and type run alike: one of each is timed
     for r in rows:
-        key = (r["kept_ffn"], r["type"])
-        if key not in by_shape:
-            by_shape[key] = speed(Path(r["gguf"]), args)
-        r.update(by_shape[key])
+        one_file.setdefault((r["kept_ffn"], r["type"]), Path(r["gguf"]))
+    speeds = interleaved_speed(list(one_file.values()), args)
+    for r in rows:
+        r.update(speeds[one_file[(r["kept_ffn"], r["type"])]])
     for r in rows:
         ref = rows[0] if r["type"] == rows[0]["type"] else rows[1]
         r["pp_ratio"] = round(r["pp_t_s"] / ref["pp_t_s"], 3)
@@ -239,7 +260,7 @@ def speed_124m(args, wd: Path, recipe_prune: dict, recipe_types, log) -> list[di
     for frac in args.fractions:
         widths[f"ffn {frac:g}"] = kept_width(n_ff, frac, 32)  # as the quality rows; Q4_K falls back to Q4_0 where 256 does not divide
     widths["recipe gpt2-124m-63mb"] = kept_width(n_ff, recipe_prune["ffn"], recipe_prune.get("multiple_of", 32))
-    out = []
+    out, files = [], []
     for name, width in widths.items():
         ckpt = wd / f"gpt2-124m-ffn{width}"
         if not (ckpt / "model.safetensors").exists():
@@ -247,8 +268,12 @@ def speed_124m(args, wd: Path, recipe_prune: dict, recipe_types, log) -> list[di
         f = wd / f"gpt2-124m-ffn{width}-q4_k.gguf"
         convert(ckpt, f, recipe_types, force=True, progress=False, log=lambda m: None)
         log(f"124M shape, {name}: {f.stat().st_size / 1e6:.1f} MB")
+        files.append(f)
         out.append({"name": name, "kept_ffn": width, "params": params_of(ckpt), "file_mb": round(f.stat().st_size / 1e6, 2),
-                    "type": "q4_k", **speed(f, args)})
+                    "type": "q4_k"})
+    speeds = interleaved_speed(files, args)
+    for r, f in zip(out, files):
+        r.update(speeds[f])
     for r in out:
         r["pp_ratio"] = round(r["pp_t_s"] / out[0]["pp_t_s"], 3)
         r["tg_ratio"] = round(r["tg_t_s"] / out[0]["tg_t_s"], 3)
