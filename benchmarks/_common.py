@@ -29,6 +29,19 @@ def median_of(n: int, fn) -> tuple[float, float]:
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
+def interleaved_medians(runs: dict, repeats: int, warmup: bool = False) -> dict:
+    """{key: fn() -> (a, b, ...)} -> {key: per-position medians}: `repeats` rounds, each calling
+    every fn once in turn, so a slower stretch of a shared machine hits them all alike and ratios
+    compare runs made side by side; with `warmup`, one untimed round first."""
+    got: dict = {k: [] for k in runs}
+    for rnd in range(repeats + int(warmup)):
+        for k, fn in runs.items():
+            r = fn()
+            if rnd >= int(warmup):
+                got[k].append(r)
+    return {k: tuple(statistics.median(col) for col in zip(*v)) for k, v in got.items()}
+
+
 def print_report(rows: list[dict], meta: dict, json_path: Path | None) -> None:
     report = {"meta": meta, "rows": rows}
     text = json.dumps(report, indent=2)

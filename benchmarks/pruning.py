@@ -36,6 +36,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import interleaved_medians  # noqa: E402
 DATA = ROOT.parent / "shared" / "data"
 BOOKS = DATA / "gutenberg" / "books"
 EVAL_BOOK = "pg35.txt"
@@ -72,20 +74,17 @@ def quality(gguf: Path, args) -> dict:
 
 def interleaved_speed(files: list[Path], args) -> dict[Path, dict]:
     """pp384 / tg128 t/s of each file (`gpt2cube bench`, its own warm-up), the median of
-    --repeats rounds; each round benches every file once, in turn, so a slower stretch of this
-    shared machine hits them all alike and the ratios compare runs made side by side."""
-    import statistics
-
+    --repeats rounds, each round benching every file once in turn."""
     from gpt2cube.eval.bench import bench
 
-    runs: dict[Path, tuple[list, list]] = {f: ([], []) for f in files}
-    for _ in range(args.repeats):
-        for f in files:
+    def run(f: Path):
+        def once() -> tuple[float, float]:
             b = bench(f, n_prompt=384, n_gen=128, repeats=1, n_threads=args.threads)
-            runs[f][0].append(b["pp_tok_s_median"])
-            runs[f][1].append(b["tg_tok_s_median"])
-    return {f: {"pp_t_s": round(statistics.median(pp), 1), "tg_t_s": round(statistics.median(tg), 1)}
-            for f, (pp, tg) in runs.items()}
+            return b["pp_tok_s_median"], b["tg_tok_s_median"]
+        return once
+
+    meds = interleaved_medians({f: run(f) for f in files}, args.repeats)
+    return {f: {"pp_t_s": round(pp, 1), "tg_t_s": round(tg, 1)} for f, (pp, tg) in meds.items()}
 
 
 def ffn_width(ckpt: Path) -> int:

@@ -30,28 +30,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import print_report  # noqa: E402
+from _common import interleaved_medians, print_report  # noqa: E402
 
 
-def interleaved_speed(configs: dict, prompt: list[int], n_gen: int, repeats: int) -> dict:
-    """{name: (run_prompt, run_token)} -> {name: (pp, tg)} tokens/s, the median of `repeats`
-    rounds, each round measuring every configuration once in turn (llama.cpp and each engine
-    setting alternate, so a slower or faster stretch of a shared machine hits them alike). A
-    warm-up round first (graph builds, first touch of buffers)."""
-    runs: dict = {name: ([], []) for name in configs}
-    for rnd in range(repeats + 1):
-        for name, (run_prompt, run_token) in configs.items():
-            t0 = time.perf_counter()
-            run_prompt(prompt)
-            pp_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for i in range(n_gen):
-                run_token(prompt[i % len(prompt)])
-            tg_s = time.perf_counter() - t0
-            if rnd:
-                runs[name][0].append(len(prompt) / pp_s)
-                runs[name][1].append(n_gen / tg_s)
-    return {name: (statistics.median(pp), statistics.median(tg)) for name, (pp, tg) in runs.items()}
+def speed_run(run_prompt, run_token, prompt: list[int], n_gen: int):
+    """One timed prompt and n_gen generated tokens after it -> (pp, tg) tokens/s."""
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        run_prompt(prompt)
+        pp_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(n_gen):
+            run_token(prompt[i % len(prompt)])
+        return len(prompt) / pp_s, n_gen / (time.perf_counter() - t0)
+    return run
 
 
 def memory_bandwidth(threads: int, mib: int = 1024, repeats: int = 5) -> float:
@@ -149,7 +141,9 @@ def main() -> None:
         radii = [None, *range(args.dim)]
         configs = {"llama": (llama_prompt, lambda t: llm.eval([t]))}
         configs.update({("engine", r): engine_runs(r) for r in radii})
-        speeds = interleaved_speed(configs, prompt, args.n_gen, args.repeats)
+        # llama.cpp and every engine setting in turn each round, after a warm-up round
+        speeds = interleaved_medians({k: speed_run(*fns, prompt, args.n_gen) for k, fns in configs.items()},
+                                     args.repeats, warmup=True)
         llm.close()
         eng.close()
         total = read["other"] + read["ffn"]
