@@ -18,6 +18,7 @@ from .hypercube.calibrate import ROUTERS as HC_ROUTERS
 from .kernels import QUANT_TYPES
 from .train.ngram import METHODS as NGRAM_METHODS
 from .train.trainer import PRESETS  # light: torch is imported only when training starts
+from .variants.spec import POSITIONS
 
 
 def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -138,7 +139,7 @@ def eval_group() -> None:
 @click.option("--text", "text_file", required=True, type=click.Path(path_type=Path), help="UTF-8 text to score.")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Window length; the second half of each is scored.")
 @click.option("--hf", "hf_dir", type=click.Path(path_type=Path), default=None,
-              help="Also score the same windows with transformers on this HF checkpoint.")
+              help="Also score the same windows in PyTorch on this checkpoint (transformers, or a gpt2cube variant).")
 @click.option("--max-windows", type=int, default=None, help="Score only the first N windows (quick runs).")
 @click.option("--engine", type=click.Choice(["llama.cpp", "routed"]), default="llama.cpp", show_default=True,
               help="Run the file in stock llama.cpp or in gpt2cube's routed engine (cpp/).")
@@ -151,12 +152,19 @@ def eval_group() -> None:
 @_fail_cleanly
 def perplexity(model: Path, text_file: Path, ctx: int, hf_dir: Path | None, max_windows: int | None, engine: str,
                radius: int | None, device: str, threads: int | None, quiet: bool, as_json: bool) -> None:
-    """Perplexity of MODEL on a text, computed as llama.cpp's llama-perplexity does."""
+    """Perplexity of MODEL on a text, computed as llama.cpp's llama-perplexity does. MODEL is a GGUF
+    file, or a checkpoint directory (a GPT-2 or any `train --pos` variant, the ones llama.cpp cannot
+    run included) to score in PyTorch on the same windows."""
     from .eval.perplexity import hf_perplexity, llama_perplexity, read_text
 
-    _require_file(model)
     text = read_text(text_file)
-    if engine == "routed":
+    if model.is_dir():
+        if engine != "llama.cpp" or radius is not None or hf_dir is not None:
+            raise click.UsageError(f"{model} is a checkpoint directory, scored in PyTorch: --engine, --radius and "
+                                   "--hf apply to GGUF files")
+        results = [hf_perplexity(model, text, ctx, max_windows=max_windows, progress=not quiet)]
+    elif engine == "routed":
+        _require_file(model)
         from .eval.routed import routed_perplexity
 
         results = [routed_perplexity(model, text, ctx, radius, max_windows=max_windows, n_threads=threads,
@@ -164,6 +172,7 @@ def perplexity(model: Path, text_file: Path, ctx: int, hf_dir: Path | None, max_
     elif radius is not None:
         raise click.UsageError("--radius needs --engine routed (stock llama.cpp always runs the dense FFN)")
     else:
+        _require_file(model)
         results = [llama_perplexity(model, text, ctx, max_windows=max_windows, n_threads=threads, progress=not quiet)]
     if hf_dir is not None:
         results.append(hf_perplexity(hf_dir, text, ctx, max_windows=max_windows, progress=not quiet))
@@ -436,14 +445,34 @@ def build() -> None:
 @click.option("--stop-at", type=int, default=None,
               help="Stop (resumably) after this step; the learning-rate schedule still spans --tokens.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt exactly.")
+@click.option("--pos", type=click.Choice(list(POSITIONS)), default="learned", show_default=True,
+              help="Position scheme: " + "; ".join(f"{p.name}: {p.summary}" + (
+                  f" (llama.cpp: {p.llama_arch})" if p.llama_arch else " (PyTorch only)") for p in POSITIONS.values()))
+@click.option("--rope-fraction", type=float, default=None, help="rope/rotating: share of each head's dimensions "
+              "that rotate (rounded down to even) [default: 1].")
+@click.option("--rope-base", type=float, default=None, help="rope/rotating: frequency base [default: 10000].")
+@click.option("--parallel", is_flag=True, help="Parallel blocks: x + attn(ln(x)) + mlp(ln(x)) from one LayerNorm "
+              "(llama.cpp runs them with --pos rope, as gptneox).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @_fail_cleanly
 def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size, lr, warmup_steps, eval_every,
-          holdout, seed, device, threads, precision, stop_at, resume, quiet, as_json) -> None:
-    """Train a GPT-2 from scratch and write a Hugging Face checkpoint that `convert` takes."""
+          holdout, seed, device, threads, precision, stop_at, resume, pos, rope_fraction, rope_base, parallel, quiet,
+          as_json) -> None:
+    """Train a GPT-2 (or a variant: --pos, --parallel) from scratch and write a Hugging Face-style
+    checkpoint. Plain GPT-2 (--pos learned) is transformers' GPT2LMHeadModel; variants are
+    gpt2cube's own torch model with GPT-2's tensor names, which `convert` writes to the llama.cpp
+    architecture that computes them exactly (sinusoidal: gpt2, rope: gptneox, alibi/none: mpt) and
+    `eval perplexity --hf` scores in PyTorch. Linformer, duo-predict and drift-diffusion are not built."""
+    from dataclasses import asdict
+
     from .train.trainer import TrainConfig
     from .train.trainer import train as run_train
+    from .variants.spec import VariantSpec
+
+    options = {k: v for k, v in (("rope_fraction", rope_fraction), ("rope_base", rope_base)) if v is not None}
+    spec = VariantSpec(pos=pos, parallel=parallel, **options)
+    variant = {} if spec.is_plain_gpt2 else asdict(spec)
 
     shape = dict(zip(("n_layer", "n_embd", "n_head", "ctx"), PRESETS[preset or "reference"]))
     for key, value in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head), ("ctx", ctx)):
@@ -457,7 +486,7 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
         torch.set_num_threads(threads)
     cfg = TrainConfig(corpus=[str(c) for c in corpus], out=str(out), tokens=tokens, batch_size=batch_size, lr=lr,
                       warmup_steps=warmup_steps, eval_every=eval_every, holdout=[str(h) for h in holdout],
-                      seed=seed, device=device, precision=precision, stop_at=stop_at, **shape)
+                      seed=seed, device=device, precision=precision, stop_at=stop_at, variant=variant, **shape)
     summary = run_train(cfg, resume=resume, progress=not quiet, log=_log)
     click.echo(json.dumps(summary, indent=2) if as_json else
                f"wrote {out}: {summary['step']} steps, {summary['tokens']:,} tokens, "

@@ -17,6 +17,7 @@ from .atomic import write_text
 from .errors import GGUFFormatError, InputError, OutputError
 from .gguf_file import dequantize_tensor, field_value, quant_type_of, read_gguf
 from .tokenizers import bundled_gpt2_files
+from .variants.spec import is_variant_dir
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -28,6 +29,9 @@ def load_gpt2_checkpoint(path: Path, role: str = "input"):
     from transformers import GPT2LMHeadModel
 
     arch = arch_for(open_checkpoint(path))
+    if is_variant_dir(path):
+        raise InputError(f"{path}: a gpt2cube variant ({arch.spec.describe()}); this command takes GPT-2 "
+                         f"checkpoints (as trained with `train --pos learned`) only")
     try:
         model = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
@@ -103,10 +107,15 @@ def checkpoint_model(ckpt: Checkpoint, arch: Architecture):
 
 
 def load_hf_model(model_dir: Path):
-    """transformers' own loading of an HF checkpoint directory, in float32, for inference."""
+    """transformers' own loading of an HF checkpoint directory in float32, for inference; a gpt2cube
+    variant directory (train --pos ...) loads as its torch model, which returns logits the same way."""
     import torch
     from transformers import GPT2LMHeadModel
 
+    if is_variant_dir(model_dir):
+        from .variants.model import VariantLM
+
+        return VariantLM.from_pretrained(model_dir).eval()
     return GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 

@@ -44,13 +44,7 @@ def make_random_gpt2(
         bos_token_id=min(50256, vocab_size - 1), eos_token_id=min(50256, vocab_size - 1),
     )
     model = GPT2LMHeadModel(cfg).eval()
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(".bias"):
-                p.copy_(init_std * torch.randn(p.shape, generator=gen))
+    _randomize_norms_and_biases(model, init_std, seed + 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     if weights == "bin":
         _save_legacy_bin(model, out_dir, legacy_names)
@@ -60,6 +54,36 @@ def make_random_gpt2(
     if write_n_ctx:
         _patch_config(out_dir / "config.json", n_ctx=n_positions)
     _write_tokenizer(out_dir, tokenizer)
+    return out_dir, model
+
+
+def _randomize_norms_and_biases(model, init_std: float, seed: int) -> None:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(init_std * torch.randn(p.shape, generator=gen))
+
+
+def make_random_variant(out_dir: Path, variant, *, n_layer: int = 2, n_embd: int = 128, n_head: int = 4,
+                        n_positions: int = 128, n_inner: int | None = None, tied: bool = True, seed: int = 0,
+                        init_std: float = 0.02):
+    """A random gpt2cube variant checkpoint (variants.spec.VariantSpec `variant`): (out_dir, model)."""
+    import torch
+
+    from .variants.model import VariantConfig, VariantLM
+
+    torch.manual_seed(seed)
+    cfg = VariantConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, n_inner=n_inner,
+                        tie_word_embeddings=tied, initializer_range=init_std, variant=variant)
+    model = VariantLM(cfg).eval()
+    _randomize_norms_and_biases(model, init_std, seed + 1)
+    model.save_pretrained(out_dir)
+    _write_tokenizer(out_dir, "files")
     return out_dir, model
 
 

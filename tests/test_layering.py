@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parents[1] / "gpt2cube"
 # component (top-level module or subpackage) -> floor; a module may import its own floor and below
 LAYERS = {
     "__init__": 0, "constants": 0, "errors": 0, "atomic": 0, "kernels": 0, "gguf_file": 0,
-    "tokenizers": 1,
+    "tokenizers": 1, "variants": 1,
     "converter": 2,
     "models": 3,
     "hypercube": 4, "engine": 4,

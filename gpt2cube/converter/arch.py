@@ -8,11 +8,13 @@ writes its `{arch}.*` keys.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar
+from typing import Callable
 
 from gguf import GGUFWriter
 
-from ..errors import CorruptCheckpoint, ShapeMismatch, UnsupportedArchitecture
+from ..errors import CorruptCheckpoint, InputError, ShapeMismatch, UnsupportedArchitecture
+from ..variants.spec import ARCHITECTURE as VARIANT_ARCHITECTURE
+from ..variants.spec import VariantSpec, llama_target
 from .checkpoint import Checkpoint
 
 ARCHITECTURES: dict[str, type["Architecture"]] = {}
@@ -43,7 +45,7 @@ class TensorSpec:
 
 
 class Architecture:
-    gguf_arch: ClassVar[str]
+    gguf_arch: str  # the llama.cpp architecture written (a class constant, or chosen per checkpoint)
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
@@ -212,3 +214,47 @@ class GPT2(Architecture):
         writer.add_block_count(self.n_layer)
         writer.add_head_count(self.n_head)
         writer.add_layer_norm_eps(self.eps)
+
+
+@register_arch(VARIANT_ARCHITECTURE)
+class GPT2Variant(GPT2):
+    """A gpt2cube variant checkpoint (GPT-2 tensor names; gpt2cube/variants/spec.py), written to
+    the llama.cpp graph that computes it exactly, or refused with the reason."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        where = ckpt.path / "config.json"
+        try:
+            self.spec = VariantSpec.from_json(ckpt.config.get("variant"), str(where))
+        except InputError as e:
+            raise UnsupportedArchitecture(str(e)) from None
+        target, why = llama_target(self.spec)
+        if target is None:
+            raise UnsupportedArchitecture(f"{where}: variant {self.spec.describe()} cannot be converted: {why}; "
+                                          "evaluate it in PyTorch (eval perplexity --hf)")
+        self.gguf_arch = target
+        super().__init__(ckpt)
+        if self.spec.pos in ("rope", "rotating"):
+            self.n_rot = self.spec.rotary_dims(self.n_embd // self.n_head)
+
+    def tensor_specs(self) -> list[TensorSpec]:
+        if self.gguf_arch == "gpt2":
+            return super().tensor_specs()
+        specs = [s for s in self.specs_for(self.n_layer, self.n_embd, self.n_ff, self.n_vocab, self.n_ctx, True,
+                                           self.prefix) if s.role != "position_embd"]
+        if self.spec.parallel:  # one LayerNorm feeds attention and MLP: llama.cpp's ffn_norm is a copy of it
+            specs = [TensorSpec(s.gguf_name, s.src_name.replace(".ln_2.", ".ln_1."), s.shape, s.transpose, s.role)
+                     for s in specs]
+        if self.gguf_arch == "gptneox" or not self.tied:  # gptneox requires output.weight; mpt ties when absent
+            head = f"{self.prefix}wte.weight" if self.tied else "lm_head.weight"
+            specs.append(TensorSpec("output.weight", head, (self.n_vocab, self.n_embd), False, "output"))
+        self._check_shapes(specs, set(self.ckpt.names()))
+        return specs
+
+    def write_hparams(self, writer: GGUFWriter) -> None:
+        super().write_hparams(writer)
+        if self.gguf_arch == "gptneox":
+            writer.add_rope_dimension_count(self.n_rot)
+            writer.add_rope_freq_base(self.spec.rope_base)
+            writer.add_parallel_residual(self.spec.parallel)
+        elif self.gguf_arch == "mpt" and self.spec.pos == "alibi":
+            writer.add_max_alibi_bias(self.spec.alibi_max_bias)

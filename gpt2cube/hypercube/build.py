@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedArchitecture
 from ..models import checkpoint_model
 from ..tokenizers import encode_text, hf_tokenizer
 from .calibrate import ROUTERS, Calibration, LayerRouter, calibrate, calibration_tokens
@@ -34,6 +34,10 @@ class HypercubeOptions:
     def prepare(self, ckpt, arch, planned, log: Callable[[str], None]) -> "HypercubeBuild":
         """The converter's extension hook: check against the model and ffn_down's planned
         types, then calibrate."""
+        if arch.gguf_arch != "gpt2":
+            raise UnsupportedArchitecture(
+                f"{ckpt.path}: --hypercube-dim needs a GPT-2 graph (the routed engine is GPT-2 only); this "
+                f"checkpoint converts to llama.cpp's {arch.gguf_arch!r} architecture")
         reused = routing_from(self.source, arch) if self.source is not None else None
         if reused is not None:
             self.dim = reused.dim

@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "auto"
     stop_at: int | None = None  # stop (resumably) after this step; the schedule still spans `tokens`
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; master weights and optimizer stay fp32)
+    variant: dict = field(default_factory=dict)  # variants.spec.VariantSpec fields; {} = plain GPT-2
 
     @property
     def steps(self) -> int:
@@ -133,10 +134,26 @@ def _check(cfg: TrainConfig, n_train: int, n_val: int) -> None:
         raise InputError(f"the held-out text has {n_val} tokens, fewer than one window of --ctx {cfg.ctx} + 1")
 
 
+def build_model(cfg: TrainConfig):
+    """transformers' GPT2LMHeadModel for plain GPT-2, else the variant family's torch model."""
+    from ..variants.spec import VariantSpec
+
+    spec = VariantSpec(**cfg.variant)
+    if spec.is_plain_gpt2:
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        return GPT2LMHeadModel(GPT2Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+                                          n_positions=cfg.ctx, vocab_size=50257, resid_pdrop=0.0, embd_pdrop=0.0,
+                                          attn_pdrop=0.0, bos_token_id=50256, eos_token_id=50256))
+    from ..variants.model import VariantConfig, VariantLM
+
+    return VariantLM(VariantConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.ctx,
+                                   variant=spec))
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
           log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
 
     out = Path(cfg.out)
@@ -146,9 +163,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             raise InputError(f"{state_path}: nothing to resume; run without --resume first")
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
         old = saved["config"]
-        for key in ("n_layer", "n_embd", "n_head", "ctx"):
-            if getattr(cfg, key) != old[key]:
-                raise InputError(f"--resume: {key} = {getattr(cfg, key)} but the checkpoint in {out} has {old[key]}")
+        for key in ("n_layer", "n_embd", "n_head", "ctx", "variant"):
+            if getattr(cfg, key) != old.get(key, {}):
+                raise InputError(f"--resume: {key} = {getattr(cfg, key)} but the checkpoint in {out} has {old.get(key, {})}")
     files = corpus_files([Path(p) for p in cfg.corpus])
     train_files, val_files = split_holdout(files, [Path(h) for h in cfg.holdout])
     train_tok = load_tokens(train_files)
@@ -160,10 +177,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
-    hf_cfg = GPT2Config(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.ctx,
-                        vocab_size=50257, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=50256, eos_token_id=50256)
-    model = GPT2LMHeadModel(hf_cfg).to(device)
+    model = build_model(cfg).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -210,7 +224,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         bar.update(1)
     bar.close()
     plot_loss(log_path, out / "loss_curve.png")
-    summary = {"out": str(out), "device": device, "precision": precision, "train_tokens": int(len(train_tok)),
+    summary = {"out": str(out), "device": device, "precision": precision, "variant": cfg.variant or {"pos": "learned"},
+               "parameters": sum(p.numel() for p in model.parameters()), "train_tokens": int(len(train_tok)),
                "val_tokens": int(len(val_tok)), **last}
     log(f"trained {step} steps, {seen:,} tokens; held-out loss {last.get('val_loss')} (ppl {last.get('val_ppl')})")
     return summary

@@ -1,0 +1,205 @@
+"""The GPT-2 variant family in torch: GPT-2's blocks and parameter names (HF Conv1D layout, so the
+converter maps them with GPT-2's own tensor table), with the position scheme and block wiring of
+a `VariantSpec`. Checkpoints are Hugging Face-style directories: config.json (architectures
+["GPT2CubeVariantLM"], GPT-2's shape keys plus "variant"), model.safetensors, tokenizer files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from ..errors import CorruptCheckpoint, InputError
+from .positions import POSITION_MODULES, sinusoid_table
+from .spec import ARCHITECTURE, MODEL_TYPE, POSITIONS, VariantSpec
+
+
+@dataclass
+class VariantConfig:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_positions: int
+    vocab_size: int = 50257
+    n_inner: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    variant: VariantSpec = field(default_factory=VariantSpec)
+
+    def to_json(self) -> dict:
+        keys = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size", "n_inner", "layer_norm_epsilon",
+                "tie_word_embeddings", "initializer_range")
+        return {"architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "activation_function": "gelu_new",
+                **{k: getattr(self, k) for k in keys}, "bos_token_id": 50256, "eos_token_id": 50256,
+                "variant": self.variant.to_json()}
+
+    @classmethod
+    def from_json(cls, cfg: dict, where: str) -> "VariantConfig":
+        spec = VariantSpec.from_json(cfg.get("variant"), where)
+        try:
+            return cls(**{k: cfg[k] for k in ("n_layer", "n_embd", "n_head", "n_positions")},
+                       **{k: cfg[k] for k in ("vocab_size", "n_inner", "layer_norm_epsilon", "tie_word_embeddings",
+                                              "initializer_range") if k in cfg}, variant=spec)
+        except KeyError as e:
+            raise CorruptCheckpoint(f"{where}: missing {e.args[0]}") from None
+
+
+class Conv1D(nn.Module):
+    """HF GPT-2's linear layer: weight stored (in, out)."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_in, n_out))
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
+class FixedTable(nn.Module):
+    """A position table that is stored (as transformer.wpe.weight) but never trained."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", table)
+
+    def forward(self, pos):
+        return self.weight[pos]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VariantConfig) -> None:
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.c_attn = Conv1D(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd)
+        self.pos = POSITION_MODULES[cfg.variant.pos](cfg.variant, cfg.n_head, self.head_dim)
+
+    def forward(self, x):
+        B, T, E = x.shape
+        q, k, v = self.c_attn(x).split(E, dim=-1)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        q, k = self.pos.rotate(q, k, torch.arange(T, device=x.device))
+        bias = self.pos.bias(T, x.device)
+        if bias is None:
+            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = bias.to(q.dtype).masked_fill(~causal, float("-inf"))
+            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[None])
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, E))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: VariantConfig) -> None:
+        super().__init__()
+        n_ff = cfg.n_inner or 4 * cfg.n_embd
+        self.c_fc, self.c_proj = Conv1D(cfg.n_embd, n_ff), Conv1D(n_ff, cfg.n_embd)
+
+    def forward(self, x):
+        return self.c_proj(nn.functional.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: VariantConfig) -> None:
+        super().__init__()
+        self.parallel = cfg.variant.parallel
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.attn = Attention(cfg)
+        if not self.parallel:  # parallel blocks read one LayerNorm (GPT-J / PaLM)
+            self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        if self.parallel:
+            h = self.ln_1(x)
+            return x + self.attn(h) + self.mlp(h)
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class VariantLM(nn.Module):
+    """Returns an object with `.logits`, as transformers' models do, so the trainer and the
+    evaluations take it in place of GPT2LMHeadModel."""
+
+    def __init__(self, config: VariantConfig) -> None:
+        super().__init__()
+        self.config = config
+        E = config.n_embd
+        if E % config.n_head:
+            raise InputError(f"n_embd {E} is not divisible by n_head {config.n_head}")
+        if POSITIONS[config.variant.pos].rotary:
+            config.variant.rotary_dims(E // config.n_head)  # raises on a fraction that rotates nothing
+        t = nn.Module()
+        t.wte = nn.Embedding(config.vocab_size, E)
+        if config.variant.pos == "learned":
+            t.wpe = nn.Embedding(config.n_positions, E)
+        elif config.variant.pos == "sinusoidal":
+            t.wpe = FixedTable(sinusoid_table(config.n_positions, E))
+        t.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        t.ln_f = nn.LayerNorm(E, eps=config.layer_norm_epsilon)
+        self.transformer = t
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(E, config.vocab_size, bias=False)
+        self._init(config)
+
+    def _init(self, cfg: VariantConfig) -> None:
+        std = cfg.initializer_range
+        for name, p in self.named_parameters():
+            if p.dim() >= 2 and "pos." not in name:
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else std)
+
+    def forward(self, input_ids, labels=None):
+        t = self.transformer
+        T = input_ids.shape[1]
+        if T > self.config.n_positions:
+            raise InputError(f"{T} tokens exceed the model's context length {self.config.n_positions}")
+        x = t.wte(input_ids)
+        if hasattr(t, "wpe"):
+            x = x + t.wpe(torch.arange(T, device=input_ids.device))
+        for block in t.h:
+            x = block(x)
+        x = t.ln_f(x)
+        head = t.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return SimpleNamespace(logits=x @ head.T)
+
+    def save_pretrained(self, out: Path) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in self.state_dict().items()
+                 if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: Path, dtype=torch.float32) -> "VariantLM":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        cfg = VariantConfig.from_json(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+        model = cls(cfg)
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise CorruptCheckpoint(f"{path}: no model.safetensors")
+        state = {k: v.to(dtype) for k, v in load_file(str(weights)).items()}
+        got, want = set(state), set(model.state_dict())
+        if got != want:
+            missing, extra = sorted(want - got), sorted(got - want)
+            raise CorruptCheckpoint(f"{weights}: the weights do not match config.json's variant "
+                                    f"({cfg.variant.describe()}): missing {missing[:4]}, unexpected {extra[:4]}")
+        for k, v in model.state_dict().items():
+            if state[k].shape != v.shape:
+                raise CorruptCheckpoint(f"{weights}: tensor {k!r} has shape {list(state[k].shape)}, config.json "
+                                        f"implies {list(v.shape)}")
+        model.load_state_dict(state)
+        return model.to(dtype)
+

@@ -1,0 +1,155 @@
+"""What a GPT-2 variant is, without torch: its options, their checks, and which llama.cpp graph
+(if any) computes it exactly.
+
+A variant is one GPT-2 block structure (fused [Q|K|V] with contiguous heads, LayerNorm with bias,
+tanh GELU) with a position scheme from `POSITIONS` and, optionally, parallel attention + MLP
+from one LayerNorm. The llama.cpp facts (vendored llama.cpp 0c1e570, src/models/*.cpp):
+- gpt2: learned absolute positions (`position_embd`); a fixed sinusoid table is the same graph.
+- gptneox: RoPE in NEOX pairing (dimension i with i + n_rot/2) on the first n_rot dimensions of
+  each head, `use_parallel_residual` for x + attn(ln1 x) + mlp(ln2 x); no position table;
+  `output.weight` required.
+- mpt: no position table (optional), ALiBi when `max_alibi_bias` > 0 (ggml's slopes), tied output.
+Everything else here is PyTorch-only, and `llama_target` says why.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..errors import InputError
+
+SCHEMA_VERSION = 1
+ARCHITECTURE = "GPT2CubeVariantLM"  # config.json "architectures" of a variant checkpoint
+MODEL_TYPE = "gpt2cube_variant"
+
+
+@dataclass(frozen=True)
+class Position:
+    name: str
+    summary: str
+    llama_arch: str | None  # the llama.cpp graph that computes it exactly, sequential blocks
+    why_not: str = ""  # when llama_arch is None: the reason, one clause
+    rotary: bool = False  # takes --rope-fraction / --rope-base
+    absolute: bool = False  # a table added to the token embeddings (transformer.wpe.weight)
+
+
+POSITIONS: dict[str, Position] = {}
+
+
+def _register(p: Position) -> None:
+    POSITIONS[p.name] = p
+
+
+_register(Position("learned", "learned absolute position embeddings (GPT-2)", "gpt2", absolute=True))
+_register(Position("sinusoidal", "fixed sinusoid table added to the embeddings (Vaswani et al.)", "gpt2",
+                   absolute=True))
+_register(Position("rope", "rotary embeddings on the first --rope-fraction of each head, NEOX pairing", "gptneox",
+                   rotary=True))
+_register(Position("alibi", "linear distance bias per head, ggml's slopes for max bias 8 (Press et al.)", "mpt"))
+_register(Position("none", "no positional signal beyond the causal mask", "mpt"))
+_register(Position("kerple", "learned logarithmic distance bias per head, -r1 log(1 + r2 |i - j|) (KERPLE)", None,
+                   "KERPLE's learned log-distance bias has no ggml graph (ALiBi's bias is linear in distance)"))
+_register(Position("fire", "learned MLP of progressively normalised log distance, per head (FIRE)", None,
+                   "FIRE's learned position MLP has no ggml graph"))
+_register(Position("rotating", "RoPE whose frequencies differ per head (head h scaled by 2^(-8h/H))", None,
+                   "llama.cpp's rope applies one frequency set to every head", rotary=True))
+
+@dataclass(frozen=True)
+class VariantSpec:
+    pos: str = "learned"
+    rope_fraction: float = 1.0
+    rope_base: float = 10000.0
+    parallel: bool = False
+    alibi_max_bias: float = 8.0
+
+    def __post_init__(self) -> None:
+        if self.pos not in POSITIONS:
+            raise InputError(f"position scheme {self.pos!r} is not known to this version; "
+                             f"known: {', '.join(POSITIONS)}")
+        rotary = POSITIONS[self.pos].rotary
+        if not rotary and (self.rope_fraction != 1.0 or self.rope_base != 10000.0):
+            raise InputError(f"--rope-fraction / --rope-base apply to rotary positions (rope, rotating), not --pos {self.pos}")
+        if not 0.0 < self.rope_fraction <= 1.0:
+            raise InputError(f"--rope-fraction {self.rope_fraction}: expected a fraction in (0, 1]")
+        if self.rope_base <= 1.0:
+            raise InputError(f"--rope-base {self.rope_base}: expected a value above 1")
+        if self.alibi_max_bias <= 0:
+            raise InputError(f"alibi_max_bias {self.alibi_max_bias}: expected a positive value")
+
+    @property
+    def is_plain_gpt2(self) -> bool:
+        """Exactly transformers' GPT-2 (trained and saved as GPT2LMHeadModel)."""
+        return self.pos == "learned" and not self.parallel
+
+    def rotary_dims(self, head_dim: int) -> int:
+        """Dimensions of each head that rotate: the fraction of head_dim, rounded down to even."""
+        n = int(head_dim * self.rope_fraction) // 2 * 2
+        if n < 2:
+            raise InputError(f"--rope-fraction {self.rope_fraction} of head size {head_dim} rotates {n} dimensions; "
+                             "at least 2 are needed")
+        return n
+
+    def describe(self) -> str:
+        parts = [f"pos={self.pos}"]
+        if POSITIONS[self.pos].rotary:
+            parts.append(f"rope_fraction={self.rope_fraction:g}")
+        if self.parallel:
+            parts.append("parallel")
+        return ", ".join(parts)
+
+    def to_json(self) -> dict:
+        return {"schema": SCHEMA_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data, where: str) -> "VariantSpec":
+        if not isinstance(data, dict):
+            raise InputError(f"{where}: 'variant' = {data!r}; expected an object")
+        schema = data.get("schema", SCHEMA_VERSION)
+        if schema != SCHEMA_VERSION:
+            raise InputError(f"{where}: variant schema {schema!r} is not one this version reads ({SCHEMA_VERSION})")
+        fields = {k: v for k, v in data.items() if k != "schema"}
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise InputError(f"{where}: variant option(s) {', '.join(unknown)} are not known to this version")
+        try:
+            return cls(**fields)
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+        except TypeError as e:
+            raise InputError(f"{where}: variant {data!r} is malformed ({e})") from None
+
+
+def llama_target(spec: VariantSpec) -> tuple[str | None, str]:
+    """(llama.cpp architecture, "") when a graph computes the variant exactly, else (None, why)."""
+    p = POSITIONS[spec.pos]
+    if p.llama_arch is None:
+        return None, p.why_not
+    if spec.parallel:
+        if p.llama_arch == "gptneox":
+            return "gptneox", ""
+        return None, (f"parallel blocks run in llama.cpp only with RoPE (the gptneox / phi2 graphs); "
+                      f"no graph holds parallel blocks with --pos {spec.pos}")
+    return p.llama_arch, ""
+
+
+def alibi_slopes(n_head: int, max_bias: float) -> list[float]:
+    """ggml's ALiBi slopes (ggml_soft_max_ext with max_bias): for a head count that is not a power
+    of two, the first 2^floor(log2 H) heads take the geometric series of that power and the rest
+    interleave the series of the next one (Press et al.'s recipe, as MPT computes it)."""
+    n_log2 = 1 << (n_head.bit_length() - 1)
+    m0 = 2.0 ** (-max_bias / n_log2)
+    m1 = 2.0 ** (-(max_bias / 2.0) / n_log2)
+    return [m0 ** (h + 1) if h < n_log2 else m1 ** (2 * (h - n_log2) + 1) for h in range(n_head)]
+
+
+def is_variant_dir(path: Path) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and ARCHITECTURE in (data.get("architectures") or [])
