@@ -130,7 +130,7 @@ def hf_perplexity(model_dir: Path, text: str, ctx: int = 512, *, max_windows: in
     vocab, merges = model_dir / "vocab.json", model_dir / "merges.txt"
     tok = hf_tokenizer(vocab, merges) if vocab.is_file() and merges.is_file() else hf_tokenizer()
     model = load_hf_model(model_dir)
-    if ctx > model.config.n_positions:
+    if ctx > model.config.n_positions and not getattr(model, "extrapolates", False):
         raise InputError(f"--ctx {ctx} is longer than the model's context length {model.config.n_positions} ({model_dir})")
     tokens = np.array(encode_text(tok, text))
 

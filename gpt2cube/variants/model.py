@@ -156,11 +156,17 @@ class VariantLM(nn.Module):
             if p.dim() >= 2 and "pos." not in name:
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else std)
 
+    @property
+    def extrapolates(self) -> bool:
+        """Runs on more tokens than it was trained on (no absolute position table)."""
+        return not POSITIONS[self.config.variant.pos].absolute
+
     def forward(self, input_ids, labels=None):
         t = self.transformer
         T = input_ids.shape[1]
-        if T > self.config.n_positions:
-            raise InputError(f"{T} tokens exceed the model's context length {self.config.n_positions}")
+        if T > self.config.n_positions and not self.extrapolates:
+            raise InputError(f"{T} tokens exceed the model's {self.config.n_positions} positions (--pos "
+                             f"{self.config.variant.pos} has a position table of that length)")
         x = t.wte(input_ids)
         if hasattr(t, "wpe"):
             x = x + t.wpe(torch.arange(T, device=input_ids.device))

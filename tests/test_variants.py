@@ -1,0 +1,253 @@
+"""GPT-2 variants (gpt2cube/variants): each one llama.cpp can run converts to its architecture and
+gives PyTorch's logits there; the others are refused with the reason; training, resuming and
+PyTorch evaluation work on all of them; bad options and configs get one clear line.
+
+Error measure and tolerance as tests/test_convert_llama.py: max |logit_llama - logit_torch| /
+std(logit_torch), f32 weights and KV cache, flash attention off: 0.006 (ggml's GELU table and
+summation order; measured <= 0.0021 on these fixtures). Each position scheme also has a negative
+control: the same weights scored without that scheme must miss by far more than the tolerance, so
+a test cannot pass with the positions ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gpt2cube.cli import main
+from gpt2cube.converter import convert
+from gpt2cube.errors import CorruptCheckpoint, InputError, UnsupportedArchitecture
+from gpt2cube.eval.llama_runner import llama_logits
+from gpt2cube.gguf_file import field_value, read_gguf
+from gpt2cube.models import hf_logits, load_hf_model
+from gpt2cube.synth import make_random_variant
+from gpt2cube.variants.model import VariantConfig, VariantLM
+from gpt2cube.variants.spec import POSITIONS, VariantSpec, alibi_slopes, llama_target
+
+F32_TOLERANCE = 0.006
+Q8_TOLERANCE = 0.4  # as test_convert_llama.py's q8_0
+
+# name -> (spec, n_embd, n_head, tied, expected llama.cpp architecture)
+CONVERTIBLE = {
+    "sinusoidal": (VariantSpec(pos="sinusoidal"), 128, 4, True, "gpt2"),
+    "rope": (VariantSpec(pos="rope"), 128, 4, True, "gptneox"),
+    "rope-partial": (VariantSpec(pos="rope", rope_fraction=0.5, rope_base=500.0), 128, 4, True, "gptneox"),
+    "rope-parallel": (VariantSpec(pos="rope", parallel=True), 128, 4, False, "gptneox"),
+    "alibi": (VariantSpec(pos="alibi"), 128, 4, True, "mpt"),
+    "alibi-6-heads": (VariantSpec(pos="alibi"), 96, 6, False, "mpt"),  # slopes for a non-power-of-two count
+    "none": (VariantSpec(pos="none"), 128, 4, True, "mpt"),
+}
+
+
+def _err(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / ref.std())
+
+
+@pytest.fixture(scope="module")
+def variant_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    out = {}
+    for name, (spec, n_embd, n_head, tied, _) in CONVERTIBLE.items():
+        src, model = make_random_variant(root / name, spec, n_embd=n_embd, n_head=n_head, tied=tied, init_std=0.1,
+                                         seed=len(out))
+        gguf = root / f"{name}.gguf"
+        convert(src, gguf, "f32", progress=False)
+        out[name] = (src, model, gguf)
+    return out
+
+
+def _without_positions(model: VariantLM) -> VariantLM:
+    """The same weights with the position scheme removed (pos none), the negative control."""
+    cfg = model.config
+    plain = VariantLM(VariantConfig(**{**cfg.__dict__, "variant": VariantSpec(pos="none", parallel=cfg.variant.parallel)}))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("transformer.wpe.")}
+    plain.load_state_dict(state)
+    return plain.eval()
+
+
+@pytest.mark.parametrize("name", list(CONVERTIBLE))
+def test_llama_cpp_logits_equal_pytorch(variant_files, prompt_tokens, name):
+    src, model, gguf = variant_files[name]
+    assert field_value(read_gguf(gguf), "general.architecture") == CONVERTIBLE[name][4]
+    ref = hf_logits(model, prompt_tokens)
+    got = llama_logits(gguf, prompt_tokens)
+    assert got.shape == ref.shape
+    err = _err(got, ref)
+    assert err <= F32_TOLERANCE, f"{name}: normalised max error {err:.4f}"
+    if CONVERTIBLE[name][0].pos != "none":
+        control = _err(got, hf_logits(_without_positions(model), prompt_tokens))
+        assert control > 20 * F32_TOLERANCE, f"{name}: positions removed still within {control:.4f}"
+
+
+def test_reloaded_checkpoint_gives_the_same_logits(variant_files, prompt_tokens):
+    for name, (src, model, _) in variant_files.items():
+        again = load_hf_model(src)
+        assert isinstance(again, VariantLM)
+        np.testing.assert_array_equal(hf_logits(again, prompt_tokens), hf_logits(model, prompt_tokens), err_msg=name)
+
+
+def test_rope_hparams_in_the_file(variant_files):
+    reader = read_gguf(variant_files["rope-partial"][2])
+    assert field_value(reader, "gptneox.rope.dimension_count") == 16  # half of head size 32
+    assert field_value(reader, "gptneox.rope.freq_base") == pytest.approx(500.0)
+    assert field_value(reader, "gptneox.use_parallel_residual") is False
+    assert field_value(read_gguf(variant_files["rope-parallel"][2]), "gptneox.use_parallel_residual") is True
+    assert field_value(read_gguf(variant_files["alibi"][2]), "mpt.attention.max_alibi_bias") == pytest.approx(8.0)
+    assert field_value(read_gguf(variant_files["none"][2]), "mpt.attention.max_alibi_bias") is None
+
+
+def test_quantized_variants_run_in_llama_cpp(variant_files, prompt_tokens, tmp_path):
+    for name in ("rope", "alibi"):
+        src, model, _ = variant_files[name]
+        out = tmp_path / f"{name}-q8_0.gguf"
+        convert(src, out, "q8_0", progress=False)
+        assert _err(llama_logits(out, prompt_tokens), hf_logits(model, prompt_tokens)) <= Q8_TOLERANCE
+        ternary = tmp_path / f"{name}-tq2_0.gguf"
+        convert(src, ternary, "tq2_0", progress=False)
+        assert np.isfinite(llama_logits(ternary, prompt_tokens)).all()
+
+
+def test_learned_positions_equal_transformers_gpt2(checkpoints, prompt_tokens):
+    """The family's blocks against an independent implementation: transformers' GPT-2 weights
+    loaded into the variant model with learned positions give transformers' logits."""
+    _, hf = checkpoints["untied"]
+    c = hf.config
+    model = VariantLM(VariantConfig(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, n_positions=c.n_positions,
+                                    n_inner=c.n_inner, tie_word_embeddings=False, variant=VariantSpec(pos="learned")))
+    missing, unexpected = model.load_state_dict(hf.state_dict(), strict=False)
+    assert not missing and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in unexpected)
+    ref = hf_logits(hf, prompt_tokens)
+    assert _err(hf_logits(model.eval(), prompt_tokens), ref) < 1e-4
+
+
+@pytest.mark.parametrize("pos", list(POSITIONS))
+@pytest.mark.parametrize("parallel", [False, True])
+def test_every_variant_is_causal(pos, parallel):
+    """Changing later tokens never changes earlier logits (the bias schemes build their own masks)."""
+    torch.manual_seed(0)
+    model = VariantLM(VariantConfig(n_layer=2, n_embd=64, n_head=4, n_positions=32,
+                                    variant=VariantSpec(pos=pos, parallel=parallel))).eval()
+    a = torch.randint(0, 50257, (1, 24))
+    b = a.clone()
+    b[0, 12:] = torch.randint(0, 50257, (12,))
+    with torch.no_grad():
+        la, lb = model(a).logits, model(b).logits
+    torch.testing.assert_close(la[0, :12], lb[0, :12], rtol=0, atol=1e-5)
+    assert not torch.allclose(la[0, 12:], lb[0, 12:])
+
+
+def test_alibi_slopes_follow_press_et_al():
+    assert alibi_slopes(8, 8.0) == pytest.approx([2.0 ** -(i + 1) for i in range(8)])
+    # 6 heads: the 4-head series, then the odd terms of the 8-head series
+    assert alibi_slopes(6, 8.0) == pytest.approx([2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3])
+
+
+@pytest.mark.parametrize("spec, reason", [
+    (VariantSpec(pos="fire"), "FIRE"),
+    (VariantSpec(pos="kerple"), "KERPLE"),
+    (VariantSpec(pos="rotating"), "one frequency set"),
+    (VariantSpec(pos="alibi", parallel=True), "parallel blocks run in llama.cpp only with RoPE"),
+    (VariantSpec(pos="sinusoidal", parallel=True), "parallel blocks run in llama.cpp only with RoPE"),
+])
+def test_unrepresentable_variants_are_refused(tmp_path, spec, reason):
+    assert llama_target(spec)[0] is None
+    src, _ = make_random_variant(tmp_path / "m", spec, n_embd=64, n_head=2)
+    out = tmp_path / "m.gguf"
+    res = CliRunner().invoke(main, ["convert", str(src), "-o", str(out), "--type", "f16"])
+    assert res.exit_code == 2
+    assert reason in res.output and spec.pos in res.output
+    assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_config_errors_are_one_clear_line(tmp_path):
+    src, _ = make_random_variant(tmp_path / "m", VariantSpec(pos="rope"), n_embd=64, n_head=2)
+    cfg_path = src / "config.json"
+    good = json.loads(cfg_path.read_text())
+    for variant, expect in (({**good["variant"], "pos": "xpos"}, "'xpos' is not known to this version"),
+                            ({**good["variant"], "schema": 9}, "schema 9"),
+                            ({**good["variant"], "window": 3}, "window"),
+                            ("rope", "expected an object")):
+        cfg_path.write_text(json.dumps({**good, "variant": variant}))
+        with pytest.raises(UnsupportedArchitecture, match=expect):
+            convert(src, tmp_path / "x.gguf", "f16", progress=False)
+        with pytest.raises(InputError, match=expect):
+            load_hf_model(src)
+    assert not (tmp_path / "x.gguf").exists()
+    # weights of another variant: rope's checkpoint declared as learned has no position table
+    cfg_path.write_text(json.dumps({**good, "variant": {"schema": 1, "pos": "learned", "parallel": True}}))
+    with pytest.raises(CorruptCheckpoint, match="transformer.wpe.weight"):
+        load_hf_model(src)
+
+
+def test_hypercube_and_finetune_say_gpt2_only(tmp_path, calib_file):
+    src, _ = make_random_variant(tmp_path / "m", VariantSpec(pos="rope"), n_embd=64, n_head=2)
+    r = CliRunner().invoke(main, ["convert", str(src), "-o", str(tmp_path / "h.gguf"), "--hypercube-dim", "2",
+                                  "--calib", str(calib_file)])
+    assert r.exit_code == 2 and "GPT-2 only" in r.output and "gptneox" in r.output
+    r = CliRunner().invoke(main, ["prune", str(src), "--out", str(tmp_path / "p"), "--ffn", "0.5",
+                                  "--calib", str(calib_file)])
+    assert r.exit_code == 2 and "takes GPT-2 checkpoints" in r.output
+
+
+def _train(corpus, out, *extra):
+    return CliRunner().invoke(main, ["train", "--corpus", str(corpus), "--out", str(out), "--n-layer", "2",
+                                     "--n-embd", "64", "--n-head", "2", "--ctx", "32", "--tokens", str(32 * 4 * 6),
+                                     "--batch-size", "4", "--eval-every", "3", "--holdout", "b.txt", "--quiet",
+                                     "--json", *extra])
+
+
+@pytest.mark.parametrize("pos", ["rope", "fire"])
+def test_train_resume_and_score_a_variant(corpus, tmp_path, pos):
+    out = tmp_path / pos
+    r = _train(corpus, out, "--pos", pos, "--stop-at", "3")
+    assert r.exit_code == 0, r.output
+    r = _train(corpus, out, "--pos", pos, "--resume")
+    assert r.exit_code == 0, r.output
+    whole = tmp_path / f"{pos}-whole"
+    assert _train(corpus, whole, "--pos", pos).exit_code == 0
+    a, b = load_hf_model(out), load_hf_model(whole)
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)  # resuming is exact
+    r = CliRunner().invoke(main, ["eval", "perplexity", str(out), "--text", str(corpus / "b.txt"), "--ctx", "32",
+                                  "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)[0]
+    assert res["engine"] == "pytorch" and 1 < res["ppl"] < 50257
+    r = _train(corpus, out, "--pos", "alibi", "--resume")
+    assert r.exit_code == 2 and "variant" in r.output
+
+
+def test_rope_variant_scores_beyond_its_training_context(corpus, tmp_path):
+    src, _ = make_random_variant(tmp_path / "m", VariantSpec(pos="rope"), n_embd=64, n_head=2, n_positions=16)
+    r = CliRunner().invoke(main, ["eval", "perplexity", str(src), "--text", str(corpus / "b.txt"), "--ctx", "64",
+                                  "--quiet", "--json"])
+    assert r.exit_code == 0, r.output
+    sin, _ = make_random_variant(tmp_path / "s", VariantSpec(pos="sinusoidal"), n_embd=64, n_head=2, n_positions=16)
+    r = CliRunner().invoke(main, ["eval", "perplexity", str(sin), "--text", str(corpus / "b.txt"), "--ctx", "64"])
+    assert r.exit_code == 2 and "context length 16" in r.output
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--pos", "alibi", "--rope-fraction", "0.5"], "apply to rotary positions"),
+    (["--pos", "rope", "--rope-fraction", "1.5"], "expected a fraction in (0, 1]"),
+    (["--pos", "rope", "--rope-fraction", "0.01"], "at least 2 are needed"),
+    (["--pos", "xpos"], "Invalid value for '--pos'"),
+])
+def test_bad_variant_options(corpus, tmp_path, args, expect):
+    out = tmp_path / "o"
+    r = _train(corpus, out, *args)
+    assert r.exit_code == 2 and expect in r.output
+    assert not (out / "model.safetensors").exists()
+
+
+def test_plain_gpt2_stays_transformers(corpus, tmp_path):
+    out = tmp_path / "plain"
+    assert _train(corpus, out).exit_code == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["GPT2LMHeadModel"] and "variant" not in cfg
+    shutil.rmtree(out)
