@@ -18,7 +18,7 @@ from .hypercube.calibrate import ROUTERS as HC_ROUTERS
 from .kernels import QUANT_TYPES
 from .train.ngram import METHODS as NGRAM_METHODS
 from .train.trainer import PRESETS  # light: torch is imported only when training starts
-from .variants.spec import POSITIONS
+from .variants.spec import NEURAL_KINDS, POSITIONS
 
 
 def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -688,6 +688,64 @@ def ngram(order: int, train_paths, test_path: Path, exclude, method: str, ctx: i
     click.echo(json.dumps(out, indent=2) if as_json else
                f"{r.engine}: PPL = {r.ppl:.3f} +/- {r.ppl_stderr:.4f} over {r.tokens_scored} tokens "
                f"(trained on {len(tokens):,} tokens in {fit_s:.1f} s)")
+
+
+@baseline.command()
+@click.option("--model", "kind", type=click.Choice(NEURAL_KINDS), required=True,
+              help="ffnn: Bengio et al.'s feed-forward n-gram network; rnn: Elman (tanh) RNN; lstm: LSTM.")
+@click.option("--train", "train_paths", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Training text file or directory of .txt files (repeatable).")
+@click.option("--test", "test_path", required=True, type=click.Path(path_type=Path), help="Text to score.")
+@click.option("--exclude", multiple=True, help="File name among --train to leave out (repeatable), e.g. held-out books.")
+@click.option("--holdout", multiple=True, type=click.Path(path_type=Path),
+              help="File among --train held out as validation text (repeatable, by name) [default: the last 5 %].")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Checkpoint directory (resumable; `eval perplexity OUT` scores it again).")
+@click.option("--tokens", type=int, default=1_000_000, show_default=True, help="Training tokens in all.")
+@click.option("--ctx", type=int, default=512, show_default=True,
+              help="Training window and perplexity window, as in eval perplexity.")
+@click.option("--n-embd", type=int, default=256, show_default=True, help="Embedding size (tied output layer).")
+@click.option("--hidden", type=int, default=512, show_default=True, help="Hidden units.")
+@click.option("--layers", type=int, default=1, show_default=True, help="rnn/lstm: stacked layers.")
+@click.option("--order", type=int, default=5, show_default=True, help="ffnn: n of the n-gram (n - 1 tokens of history).")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate.")
+@click.option("--warmup-steps", type=int, default=100, show_default=True)
+@click.option("--seed", type=int, default=1234, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
+@click.option("--threads", type=int, default=None, help="CPU threads for torch.")
+@click.option("--resume", is_flag=True, help="Continue OUT's training exactly.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True)
+@_fail_cleanly
+def neural(kind, train_paths, test_path, exclude, holdout, out, tokens, ctx, n_embd, hidden, layers, order, batch_size, lr,
+           warmup_steps, seed, device, threads, resume, quiet, as_json) -> None:
+    """Train a pre-transformer neural LM on the GPT-2 token stream (the trainer of `train`: AdamW,
+    cosine schedule, resumable) and score --test with the windows of `eval perplexity`."""
+    from .eval.perplexity import hf_perplexity, read_text
+    from .train.data import corpus_files, split_holdout
+    from .train.trainer import TrainConfig
+    from .train.trainer import train as run_train
+    from .variants.neural import NeuralConfig
+
+    text = read_text(test_path)
+    spec = NeuralConfig(kind=kind, n_embd=n_embd, n_hidden=hidden, n_layer=layers, order=order, n_positions=ctx)
+    files, _ = split_holdout(corpus_files([Path(p) for p in train_paths]), [Path(e) for e in exclude])
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    neural_fields = {k: v for k, v in spec.to_json().items() if k in ("kind", "n_embd", "n_hidden", "n_layer", "order")}
+    cfg = TrainConfig(corpus=[str(f) for f in files], out=str(out), ctx=ctx, tokens=tokens, batch_size=batch_size,
+                      lr=lr, warmup_steps=warmup_steps, seed=seed, device=device, holdout=[str(h) for h in holdout], neural=neural_fields)
+    summary = run_train(cfg, resume=resume, progress=not quiet, log=_log)
+    r = hf_perplexity(out, text, ctx, progress=not quiet)
+    result = {**r.as_json(), "model": kind, "parameters": summary["parameters"], "train_tokens": summary["tokens"],
+              "train_tokens_per_s": summary["tokens_per_s"], "train_seconds": summary["seconds"],
+              "val_ppl": summary.get("val_ppl"), "out": str(out)}
+    click.echo(json.dumps(result, indent=2) if as_json else
+               f"{kind}: PPL = {r.ppl:.3f} +/- {r.ppl_stderr:.4f} over {r.tokens_scored} tokens "
+               f"({summary['parameters']:,} parameters, {summary['tokens']:,} training tokens)")
 
 
 @main.command()

@@ -17,7 +17,7 @@ from .atomic import write_text
 from .errors import GGUFFormatError, InputError, OutputError
 from .gguf_file import dequantize_tensor, field_value, quant_type_of, read_gguf
 from .tokenizers import bundled_gpt2_files
-from .variants.spec import is_variant_dir
+from .variants.spec import OWN_ARCHITECTURES, is_variant_dir, own_architecture
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -108,14 +108,17 @@ def checkpoint_model(ckpt: Checkpoint, arch: Architecture):
 
 def load_hf_model(model_dir: Path):
     """transformers' own loading of an HF checkpoint directory in float32, for inference; a gpt2cube
-    variant directory (train --pos ...) loads as its torch model, which returns logits the same way."""
+    variant (train --pos ...) or neural baseline (baseline neural) loads as its torch model, which
+    returns logits the same way."""
     import torch
     from transformers import GPT2LMHeadModel
 
-    if is_variant_dir(model_dir):
+    own = own_architecture(model_dir)
+    if own is not None:
         from .variants.model import VariantLM
+        from .variants.neural import NeuralLM
 
-        return VariantLM.from_pretrained(model_dir).eval()
+        return dict(zip(OWN_ARCHITECTURES, (VariantLM, NeuralLM)))[own].from_pretrained(model_dir).eval()
     return GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 

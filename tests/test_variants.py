@@ -251,3 +251,57 @@ def test_plain_gpt2_stays_transformers(corpus, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["GPT2LMHeadModel"] and "variant" not in cfg
     shutil.rmtree(out)
+
+
+# --- neural baselines (variants/neural.py) -----------------------------------------------------
+
+def _neural(kind: str, **kw):
+    from gpt2cube.variants.neural import NeuralConfig, NeuralLM
+
+    torch.manual_seed(0)
+    return NeuralLM(NeuralConfig(kind=kind, n_embd=32, n_hidden=48, **kw)).eval()
+
+
+@pytest.mark.parametrize("kind", ["ffnn", "rnn", "lstm"])
+def test_neural_models_are_causal(kind):
+    model = _neural(kind)
+    a = torch.randint(0, 50257, (2, 20))
+    b = a.clone()
+    b[:, 10:] = torch.randint(0, 50257, (2, 10))
+    with torch.no_grad():
+        la, lb = model(a).logits, model(b).logits
+    assert la.shape == (2, 20, 50257)
+    torch.testing.assert_close(la[:, :10], lb[:, :10], rtol=0, atol=1e-5)
+    assert not torch.allclose(la[:, 10:], lb[:, 10:])
+
+
+def test_ffnn_sees_exactly_order_minus_one_tokens():
+    model = _neural("ffnn", order=4)  # history: tokens t-2, t-1, t
+    a = torch.randint(0, 50257, (1, 12))
+    with torch.no_grad():
+        base = model(a).logits[0, 8]
+        for j, inside in ((5, False), (6, True), (7, True), (8, True)):
+            b = a.clone()
+            b[0, j] = (b[0, j] + 1) % 50257
+            changed = not torch.allclose(model(b).logits[0, 8], base)
+            assert changed == inside, f"token {j} {'should' if inside else 'should not'} reach position 8"
+
+
+def test_neural_baseline_trains_scores_and_reloads(corpus, tmp_path):
+    out = tmp_path / "lstm"
+    args = ["baseline", "neural", "--model", "lstm", "--train", str(corpus), "--holdout", "b.txt",
+            "--test", str(corpus / "b.txt"),
+            "--out", str(out), "--tokens", str(32 * 4 * 12), "--ctx", "32", "--batch-size", "4", "--n-embd", "32",
+            "--hidden", "32", "--warmup-steps", "2", "--lr", "1e-2", "--quiet", "--json"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output[r.output.index("{"):])
+    assert res["engine"] == "pytorch" and res["model"] == "lstm" and res["train_tokens"] == 32 * 4 * 12
+    assert 1 < res["ppl"] < 50257 / 10 and res["parameters"] > 50257 * 32  # learnt: far below uniform
+    r = CliRunner().invoke(main, ["eval", "perplexity", str(out), "--text", str(corpus / "b.txt"), "--ctx", "32",
+                                  "--quiet", "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)[0]["ppl"] == pytest.approx(res["ppl"], rel=1e-4)
+    r = CliRunner().invoke(main, [*args[:-2], "--order", "1", "--quiet"])
+    assert r.exit_code == 2 and "order" in r.output
+    r = CliRunner().invoke(main, ["convert", str(out), "-o", str(tmp_path / "n.gguf")])
+    assert r.exit_code == 2 and "GPT2CubeNeuralLM" in r.output and not (tmp_path / "n.gguf").exists()

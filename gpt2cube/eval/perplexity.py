@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import InputError
 from ..gguf_file import model_context
 from ..models import load_hf_model
-from ..variants.spec import is_variant_dir
+from ..variants.spec import own_architecture
 from ..tokenizers import encode_text, hf_tokenizer
 from .llama_runner import load_llama
 
@@ -138,5 +138,5 @@ def hf_perplexity(model_dir: Path, text: str, ctx: int = 512, *, max_windows: in
         with torch.no_grad():
             return model(torch.from_numpy(window[None].astype(np.int64))).logits[0].numpy()
 
-    return perplexity(tokens, ctx, logits, "pytorch" if is_variant_dir(model_dir) else "transformers", max_windows,
+    return perplexity(tokens, ctx, logits, "pytorch" if own_architecture(model_dir) else "transformers", max_windows,
                       progress)

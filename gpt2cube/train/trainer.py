@@ -55,6 +55,7 @@ class TrainConfig:
     stop_at: int | None = None  # stop (resumably) after this step; the schedule still spans `tokens`
     precision: str = "auto"  # auto | fp32 | bf16 (autocast; master weights and optimizer stay fp32)
     variant: dict = field(default_factory=dict)  # variants.spec.VariantSpec fields; {} = plain GPT-2
+    neural: dict = field(default_factory=dict)  # variants.neural.NeuralConfig fields: a pre-transformer LM instead
 
     @property
     def steps(self) -> int:
@@ -135,9 +136,14 @@ def _check(cfg: TrainConfig, n_train: int, n_val: int) -> None:
 
 
 def build_model(cfg: TrainConfig):
-    """transformers' GPT2LMHeadModel for plain GPT-2, else the variant family's torch model."""
+    """transformers' GPT2LMHeadModel for plain GPT-2, else the variant family's torch model (or a
+    neural baseline)."""
     from ..variants.spec import VariantSpec
 
+    if cfg.neural:
+        from ..variants.neural import NeuralConfig, NeuralLM
+
+        return NeuralLM(NeuralConfig(**{**cfg.neural, "n_positions": cfg.ctx}))
     spec = VariantSpec(**cfg.variant)
     if spec.is_plain_gpt2:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -163,7 +169,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
             raise InputError(f"{state_path}: nothing to resume; run without --resume first")
         saved = torch.load(state_path, map_location="cpu", weights_only=False)
         old = saved["config"]
-        for key in ("n_layer", "n_embd", "n_head", "ctx", "variant"):
+        for key in ("n_layer", "n_embd", "n_head", "ctx", "variant", "neural"):
             if getattr(cfg, key) != old.get(key, {}):
                 raise InputError(f"--resume: {key} = {getattr(cfg, key)} but the checkpoint in {out} has {old.get(key, {})}")
     files = corpus_files([Path(p) for p in cfg.corpus])
@@ -224,7 +230,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         bar.update(1)
     bar.close()
     plot_loss(log_path, out / "loss_curve.png")
-    summary = {"out": str(out), "device": device, "precision": precision, "variant": cfg.variant or {"pos": "learned"},
+    summary = {"out": str(out), "device": device, "precision": precision, 
+               **({"neural": cfg.neural} if cfg.neural else {"variant": cfg.variant or {"pos": "learned"}}),
                "parameters": sum(p.numel() for p in model.parameters()), "train_tokens": int(len(train_tok)),
                "val_tokens": int(len(val_tok)), **last}
     log(f"trained {step} steps, {seen:,} tokens; held-out loss {last.get('val_loss')} (ppl {last.get('val_ppl')})")

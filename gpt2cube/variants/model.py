@@ -6,7 +6,6 @@ a `VariantSpec`. Checkpoints are Hugging Face-style directories: config.json (ar
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import CorruptCheckpoint, InputError
+from .lm_io import SafetensorsLM
 from .positions import POSITION_MODULES, sinusoid_table
 from .spec import ARCHITECTURE, MODEL_TYPE, POSITIONS, VariantSpec
 
@@ -125,9 +125,11 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class VariantLM(nn.Module):
+class VariantLM(SafetensorsLM, nn.Module):
     """Returns an object with `.logits`, as transformers' models do, so the trainer and the
     evaluations take it in place of GPT2LMHeadModel."""
+
+    config_class = VariantConfig
 
     def __init__(self, config: VariantConfig) -> None:
         super().__init__()
@@ -156,6 +158,9 @@ class VariantLM(nn.Module):
             if p.dim() >= 2 and "pos." not in name:
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else std)
 
+    def describe(self) -> str:
+        return f"variant {self.config.variant.describe()}"
+
     @property
     def extrapolates(self) -> bool:
         """Runs on more tokens than it was trained on (no absolute position table)."""
@@ -176,36 +181,4 @@ class VariantLM(nn.Module):
         head = t.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return SimpleNamespace(logits=x @ head.T)
 
-    def save_pretrained(self, out: Path) -> None:
-        from safetensors.torch import save_file
-
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.contiguous() for k, v in self.state_dict().items()
-                 if not (k == "lm_head.weight" and self.config.tie_word_embeddings)}
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        (out / "config.json").write_text(json.dumps(self.config.to_json(), indent=2) + "\n")
-
-    @classmethod
-    def from_pretrained(cls, path: Path, dtype=torch.float32) -> "VariantLM":
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        cfg = VariantConfig.from_json(json.loads((path / "config.json").read_text()), str(path / "config.json"))
-        model = cls(cfg)
-        weights = path / "model.safetensors"
-        if not weights.is_file():
-            raise CorruptCheckpoint(f"{path}: no model.safetensors")
-        state = {k: v.to(dtype) for k, v in load_file(str(weights)).items()}
-        got, want = set(state), set(model.state_dict())
-        if got != want:
-            missing, extra = sorted(want - got), sorted(got - want)
-            raise CorruptCheckpoint(f"{weights}: the weights do not match config.json's variant "
-                                    f"({cfg.variant.describe()}): missing {missing[:4]}, unexpected {extra[:4]}")
-        for k, v in model.state_dict().items():
-            if state[k].shape != v.shape:
-                raise CorruptCheckpoint(f"{weights}: tensor {k!r} has shape {list(state[k].shape)}, config.json "
-                                        f"implies {list(v.shape)}")
-        model.load_state_dict(state)
-        return model.to(dtype)
 

@@ -144,12 +144,22 @@ def alibi_slopes(n_head: int, max_bias: float) -> list[float]:
     return [m0 ** (h + 1) if h < n_log2 else m1 ** (2 * (h - n_log2) + 1) for h in range(n_head)]
 
 
-def is_variant_dir(path: Path) -> bool:
+OWN_ARCHITECTURES = (ARCHITECTURE, "GPT2CubeNeuralLM")  # variant family; neural baselines (neural.py)
+NEURAL_KINDS = ("ffnn", "rnn", "lstm")  # neural.py's bodies, in this order
+
+
+def own_architecture(path: Path) -> str | None:
+    """The gpt2cube torch model a checkpoint directory holds (one of OWN_ARCHITECTURES), or None."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
-        return False
+        return None
     try:
         data = json.loads(cfg.read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and ARCHITECTURE in (data.get("architectures") or [])
+        return None
+    declared = data.get("architectures") if isinstance(data, dict) else None
+    return next((a for a in OWN_ARCHITECTURES if isinstance(declared, list) and a in declared), None)
+
+
+def is_variant_dir(path: Path) -> bool:
+    return own_architecture(path) == ARCHITECTURE
