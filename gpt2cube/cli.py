@@ -248,10 +248,12 @@ def spam(model: Path, data: Path, split_name: str, test_fraction: float, seed: i
 @_fail_cleanly
 def hellaswag(model: Path, data: Path, limit: int | None, seed: int, threads: int | None, quiet: bool,
               as_json: bool) -> None:
-    """HellaSwag accuracy by length-normalised log-likelihood of each ending."""
+    """HellaSwag accuracy by length-normalised log-likelihood of each ending. MODEL is a GGUF file
+    (llama.cpp) or a checkpoint directory (PyTorch; any `train --pos` variant or neural baseline)."""
     from .eval.hellaswag import evaluate_hellaswag
 
-    _require_file(model)
+    if not model.is_dir():
+        _require_file(model)
     r = evaluate_hellaswag(model, data, limit=limit, seed=seed, n_threads=threads, progress=not quiet)
     subset = f" (random subset, seed {r['seed']}, of {r['tasks_in_file']})" if r["tasks"] < r["tasks_in_file"] else ""
     click.echo(json.dumps(r, indent=2) if as_json else

@@ -140,3 +140,9 @@ def model_context(path: Path) -> int:
     """The context length a GGUF was trained with (`{arch}.context_length`)."""
     kv = read_header(path).kv
     return int(kv.get(f"{kv.get('general.architecture', 'gpt2')}.context_length", 0))
+
+
+def has_position_table(path: Path) -> bool:
+    """Whether the file adds learned/fixed absolute positions (`position_embd.weight`), which
+    bound it to `context_length`; RoPE, ALiBi and position-free files run past it."""
+    return any(name == "position_embd.weight" for name, _, _ in read_header(path).tensors)

@@ -44,6 +44,12 @@ def hf_tokenizer(vocab_json: Path | None = None, merges: Path | None = None):
     return GPT2TokenizerFast(vocab=vocab, merges=pairs)
 
 
+def checkpoint_tokenizer(model_dir: Path):
+    """The tokenizer of a checkpoint directory: its vocab.json + merges.txt, else GPT-2's bundled one."""
+    vocab, merges = Path(model_dir) / "vocab.json", Path(model_dir) / "merges.txt"
+    return hf_tokenizer(vocab, merges) if vocab.is_file() and merges.is_file() else hf_tokenizer()
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of `text` with special-token strings read as plain text (see the module doc)."""
     return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])

@@ -305,3 +305,53 @@ def test_neural_baseline_trains_scores_and_reloads(corpus, tmp_path):
     assert r.exit_code == 2 and "order" in r.output
     r = CliRunner().invoke(main, ["convert", str(out), "-o", str(tmp_path / "n.gguf")])
     assert r.exit_code == 2 and "GPT2CubeNeuralLM" in r.output and not (tmp_path / "n.gguf").exists()
+
+
+# --- PyTorch and llama.cpp evaluations agree on variants, past the training context too ---------
+
+@pytest.mark.parametrize("pos", ["rope", "alibi"])
+def test_perplexity_past_the_training_context_agrees(tmp_path, pos):
+    """Length extrapolation (what RoPE and ALiBi are for): both engines score windows of 4x the
+    trained context, and give the same perplexity (relative 1e-3: the f32 logit tolerance above
+    moves log-probabilities by far less)."""
+    from gpt2cube.eval.perplexity import hf_perplexity, llama_perplexity
+
+    src, _ = make_random_variant(tmp_path / pos, VariantSpec(pos=pos), n_embd=64, n_head=2, n_positions=32,
+                                 init_std=0.1)
+    gguf = tmp_path / f"{pos}.gguf"
+    convert(src, gguf, "f32", progress=False)
+    text = "The quick brown fox jumps over the lazy dog, and then it runs far away. " * 12
+    a = llama_perplexity(gguf, text, 128)
+    b = hf_perplexity(src, text, 128)
+    assert a.windows == b.windows >= 1 and a.tokens_scored == b.tokens_scored
+    assert a.ppl == pytest.approx(b.ppl, rel=1e-3)
+
+
+def test_sinusoidal_file_is_bound_to_its_positions(tmp_path):
+    from gpt2cube.eval.perplexity import llama_perplexity
+
+    src, _ = make_random_variant(tmp_path / "s", VariantSpec(pos="sinusoidal"), n_embd=64, n_head=2, n_positions=32)
+    gguf = tmp_path / "s.gguf"
+    convert(src, gguf, "f32", progress=False)
+    with pytest.raises(InputError, match="context length 32"):
+        llama_perplexity(gguf, "word " * 400, 64)
+
+
+def test_hellaswag_in_pytorch_matches_llama_cpp(variant_files, tmp_path):
+    from gpt2cube.eval.hellaswag import evaluate_hellaswag
+
+    rng = np.random.default_rng(3)
+    words = "the a man woman dog runs walks sits on under table car house quickly slowly red blue".split()
+    lines = []
+    for _ in range(12):
+        lines.append(" ".join(rng.choice(words, 8)))
+        lines.append(str(int(rng.integers(0, 4))))
+        lines += [" ".join(rng.choice(words, int(rng.integers(2, 6)))) for _ in range(4)]
+    data = tmp_path / "hs.txt"
+    data.write_text("\n".join(lines) + "\n")
+    src, _, gguf = variant_files["rope"]
+    torch_run = evaluate_hellaswag(src, data)
+    llama_run = evaluate_hellaswag(gguf, data)
+    assert torch_run["engine"] == "pytorch" and llama_run["engine"] == "llama.cpp"
+    assert torch_run["tasks"] == llama_run["tasks"] == 12
+    assert torch_run["accuracy"] == llama_run["accuracy"]

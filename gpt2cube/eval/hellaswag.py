@@ -72,32 +72,65 @@ def _common_prefix(seqs: list[list[int]]) -> int:
     return max(k, 1)
 
 
-def evaluate_hellaswag(model: Path, data: Path, *, limit: int | None = None, seed: int = 0,
-                       n_threads: int | None = None, progress: bool = False) -> dict:
+def _accuracy(tasks: list[Task], tokenize, seq_logits, n_ctx: int, progress: bool) -> int:
+    """Tasks answered right; `tokenize(text)` gives token ids, `seq_logits(ids)` logits (len, V)."""
     from tqdm import tqdm
 
+    correct = 0
+    for task in tqdm(tasks, desc="hellaswag", unit="task", disable=not progress):
+        seqs = [tokenize(f"{task.context} {e}")[-n_ctx:] for e in task.endings]
+        prefix = _common_prefix(seqs)
+        lps = []
+        for s in seqs:
+            lp = np.zeros(len(s))
+            lp[1:] = token_logprobs(seq_logits(s)[: len(s) - 1], np.asarray(s[1:]))
+            lps.append(lp)
+        correct += int(np.argmax(ending_scores(lps, prefix)) == task.gold)
+    return correct
 
+
+def evaluate_hellaswag(model: Path, data: Path, *, limit: int | None = None, seed: int = 0,
+                       n_threads: int | None = None, progress: bool = False) -> dict:
+    """MODEL: a GGUF file (llama.cpp) or a checkpoint directory (PyTorch: transformers' GPT-2, a
+    gpt2cube variant or neural baseline)."""
     all_tasks = read_hellaswag(data)
     tasks = subset(all_tasks, limit, seed)
-    n_ctx = min(512, model_context(model))
-    llm = load_llama(model, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
     t0 = time.perf_counter()
-    correct = 0
-    try:
-        for task in tqdm(tasks, desc="hellaswag", unit="task", disable=not progress):
-            seqs = [llm.tokenize(f"{task.context} {e}".encode("utf-8"), add_bos=False)[-n_ctx:] for e in task.endings]
-            prefix = _common_prefix(seqs)
-            lps = []
-            for s in seqs:
-                llm.reset()
-                llm.eval(s)
-                lp = np.zeros(len(s))
-                lp[1:] = token_logprobs(llm.scores[: len(s) - 1], np.asarray(s[1:]))
-                lps.append(lp)
-            correct += int(np.argmax(ending_scores(lps, prefix)) == task.gold)
-    finally:
-        llm.close()
+    if Path(model).is_dir():
+        correct, engine = _torch_accuracy(Path(model), tasks, progress), "pytorch"
+    else:
+        n_ctx = min(512, model_context(model))
+        llm = load_llama(model, n_ctx=n_ctx, logits_all=True, n_threads=n_threads)
+
+        def seq_logits(ids: list[int]) -> np.ndarray:
+            llm.reset()
+            llm.eval(ids)
+            return np.asarray(llm.scores[: len(ids)])
+
+        try:
+            correct = _accuracy(tasks, lambda t: llm.tokenize(t.encode("utf-8"), add_bos=False), seq_logits, n_ctx,
+                                progress)
+        finally:
+            llm.close()
+        engine = "llama.cpp"
     acc = correct / len(tasks)
     return {"model": str(model), "data": str(data), "split": "validation", "tasks_in_file": len(all_tasks),
-            "tasks": len(tasks), "seed": seed, "accuracy": acc,
+            "tasks": len(tasks), "seed": seed, "engine": engine, "accuracy": acc,
             "stderr": math.sqrt(acc * (1 - acc) / len(tasks)), "seconds": time.perf_counter() - t0}
+
+
+def _torch_accuracy(model_dir: Path, tasks: list[Task], progress: bool) -> int:
+    import torch
+
+    from ..models import load_hf_model
+    from ..tokenizers import checkpoint_tokenizer, encode_text
+
+    model = load_hf_model(model_dir)
+    tok = checkpoint_tokenizer(model_dir)
+    n_ctx = min(512, model.config.n_positions)
+
+    def seq_logits(ids: list[int]) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].numpy()
+
+    return _accuracy(tasks, lambda t: encode_text(tok, t), seq_logits, n_ctx, progress)

@@ -20,10 +20,10 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from ..gguf_file import model_context
+from ..gguf_file import has_position_table, model_context
 from ..models import load_hf_model
 from ..variants.spec import own_architecture
-from ..tokenizers import encode_text, hf_tokenizer
+from ..tokenizers import checkpoint_tokenizer, encode_text
 from .llama_runner import load_llama
 
 
@@ -107,7 +107,7 @@ def llama_perplexity(model: Path, text: str, ctx: int = 512, *, max_windows: int
                      n_threads: int | None = None, progress: bool = False) -> PerplexityResult:
 
     n_train = model_context(model)
-    if ctx > n_train:
+    if ctx > n_train and has_position_table(model):  # RoPE / ALiBi / no-position files run past it
         raise InputError(f"--ctx {ctx} is longer than the model's context length {n_train} ({model})")
     llm = load_llama(model, n_ctx=ctx, logits_all=True, n_threads=n_threads)
     try:
@@ -127,8 +127,7 @@ def hf_perplexity(model_dir: Path, text: str, ctx: int = 512, *, max_windows: in
                   progress: bool = False) -> PerplexityResult:
     import torch
 
-    vocab, merges = model_dir / "vocab.json", model_dir / "merges.txt"
-    tok = hf_tokenizer(vocab, merges) if vocab.is_file() and merges.is_file() else hf_tokenizer()
+    tok = checkpoint_tokenizer(model_dir)
     model = load_hf_model(model_dir)
     if ctx > model.config.n_positions and not getattr(model, "extrapolates", False):
         raise InputError(f"--ctx {ctx} is longer than the model's context length {model.config.n_positions} ({model_dir})")
