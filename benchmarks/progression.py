@@ -1,12 +1,28 @@
-"""From n-grams to GPT on the same tokens: perplexity of unigram, modified Kneser-Ney 2..5-gram
-(the headline baseline, as KenLM's lmplz), interpolated KN 5-gram and the backoff 5-gram trained on the Gutenberg training books, then the reference GPT-2 in
-each GGUF type run by llama.cpp, all scored with one definition (llama-perplexity's windows,
-second half scored) on the held-out books and on WikiText-2 test.
+"""From n-grams to GPT on the same tokens.
 
-    python benchmarks/progression.py [--model models/reference] [--ctx 512] [--max-windows N]
-                                     [--types f16 q8_0 q4_k tq2_0] [--out DIR]
+--stage reference (the default): unigram, modified Kneser-Ney 2..5-gram (the headline baseline,
+as KenLM's lmplz), interpolated KN 5-gram and the backoff 5-gram trained on the Gutenberg training
+books, then the reference GPT-2 in each GGUF type run by llama.cpp, all scored with one definition
+(llama-perplexity's windows, second half scored) on the held-out books and on WikiText-2 test.
+Writes DIR/progression.{json,md,png}.
 
-Writes DIR/progression.json, DIR/progression.md and DIR/progression.png; prints JSON and a table.
+--stage matched: every model trained here on the same training books with the same token budget
+(--budget) and window (--train-ctx): unigram and modified-KN 5-gram (on the budget's tokens and on
+all of them), Bengio FFNN, Elman RNN, LSTM (`gpt2cube baseline neural`), and the GPT-2 variants of
+`gpt2cube train --pos ... [--parallel]` at one shape (--shape LxExH), non-embedding parameters
+matched within about 20 %. Held-out PPL with its standard error (PyTorch, the same windows for
+every row; plus llama.cpp on the f16 file where the variant converts), parameters, training
+tokens/s, HellaSwag (seeded validation subset), and a length-extrapolation table: PPL at 1x, 2x
+and 4x the training window (llama.cpp where the architecture runs there, else PyTorch; absolute
+position tables stop at 1x). Writes DIR/matched.{json,md,png}. Each row is what this command runs:
+
+    gpt2cube train --corpus BOOKS --holdout ... --pos P [--parallel] --n-layer L --n-embd E --n-head H \
+        --ctx C --tokens B --batch-size 8 --lr 2e-3 --warmup-steps 50
+    gpt2cube baseline neural --model ffnn|rnn|lstm --train BOOKS --exclude ... --tokens B --ctx C ...
+
+    python benchmarks/progression.py [--stage reference|matched] [--model models/reference] [--ctx 512]
+        [--max-windows N] [--types f16 q8_0 q4_k tq2_0] [--budget 300000] [--train-ctx 128]
+        [--shape 4x128x4] [--rows ...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -32,8 +48,17 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--types", nargs="+", default=["f16", "q8_0", "q4_k", "tq2_0"])
     ap.add_argument("--out", type=Path, default=Path("/tmp/gpt2cube-progression"))
+    ap.add_argument("--stage", choices=["reference", "matched"], default="reference")
+    ap.add_argument("--budget", type=int, default=300_000, help="matched: training tokens per model")
+    ap.add_argument("--train-ctx", type=int, default=128, help="matched: training window (1x of the extrapolation)")
+    ap.add_argument("--shape", default="4x128x4", help="matched: GPT n_layer x n_embd x n_head")
+    ap.add_argument("--rows", nargs="+", default=None, help="matched: only these rows (labels of MATCHED_ROWS)")
+    ap.add_argument("--hellaswag", type=int, default=200, help="matched: seeded HellaSwag tasks (0: none)")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
+    if args.stage == "matched":
+        return matched(args)
     from gpt2cube.converter import convert
     from gpt2cube.eval.perplexity import llama_perplexity
     from gpt2cube.tokenizers import encode_text, hf_tokenizer
@@ -98,6 +123,158 @@ def main() -> None:
     _plot(rows, list(tests), args.out / "progression.png")
     print(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print("\n".join(table))
+
+
+# label -> ("gpt", train --pos/--parallel) | ("neural", baseline neural options) | ("ngram", order, budget-only)
+MATCHED_ROWS: dict[str, tuple] = {
+    "unigram": ("ngram", 1, False),
+    "modified KN 5-gram (budget tokens)": ("ngram", 5, True),
+    "modified KN 5-gram (all training tokens)": ("ngram", 5, False),
+    "FFNN (Bengio, 5-gram window)": ("neural", {"kind": "ffnn", "n_hidden": 1024, "order": 5}),
+    "Elman RNN": ("neural", {"kind": "rnn", "n_hidden": 768}),
+    "LSTM": ("neural", {"kind": "lstm", "n_hidden": 384}),
+    "GPT-2 learned positions": ("gpt", {}),
+    "GPT-2 sinusoidal": ("gpt", {"pos": "sinusoidal"}),
+    "GPT-2 RoPE": ("gpt", {"pos": "rope"}),
+    "GPT-2 RoPE, 1/4 of head dims": ("gpt", {"pos": "rope", "rope_fraction": 0.25}),
+    "GPT-2 RoPE, parallel blocks": ("gpt", {"pos": "rope", "parallel": True}),
+    "GPT-2 ALiBi": ("gpt", {"pos": "alibi"}),
+    "GPT-2 no positions": ("gpt", {"pos": "none"}),
+    "GPT-2 KERPLE": ("gpt", {"pos": "kerple"}),
+    "GPT-2 FIRE": ("gpt", {"pos": "fire"}),
+    "GPT-2 head-rotating RoPE": ("gpt", {"pos": "rotating"}),
+}
+
+
+def matched(args) -> None:
+    """The matched-budget table and the length-extrapolation table (see the module doc)."""
+    import torch
+
+    from gpt2cube.converter import convert
+    from gpt2cube.errors import InputError, UnsupportedArchitecture
+    from gpt2cube.eval.hellaswag import evaluate_hellaswag
+    from gpt2cube.eval.perplexity import hf_perplexity, llama_perplexity
+    from gpt2cube.tokenizers import encode_text, hf_tokenizer
+    from gpt2cube.train.data import corpus_files, load_tokens, split_holdout
+    from gpt2cube.train.ngram import NGramModel, ngram_perplexity
+    from gpt2cube.train.trainer import TrainConfig, train
+    from gpt2cube.variants.spec import VariantSpec
+
+    torch.set_num_threads(args.threads)
+    books = args.data / "gutenberg" / "books"
+    if not books.is_dir():
+        sys.exit(f"{books}: not found; the progression needs ../shared/data")
+    train_files, held = split_holdout(corpus_files([books]), [Path(h) for h in HELD_OUT])
+    held_text = "\n".join(f.read_text(encoding="utf-8") for f in held)
+    held_tokens = np.array(encode_text(hf_tokenizer(), held_text))
+    hs_data = args.data / "hellaswag" / "hellaswag_val_full.txt"
+    n_layer, n_embd, n_head = (int(v) for v in args.shape.split("x"))
+    C, W = args.train_ctx, args.max_windows or 200
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, extrap = [], []
+    wanted = args.rows or list(MATCHED_ROWS)
+    unknown = sorted(set(wanted) - set(MATCHED_ROWS))
+    if unknown:
+        sys.exit(f"--rows: unknown {unknown}; known: {list(MATCHED_ROWS)}")
+    all_train = None
+    for label in wanted:
+        kind, *opt = MATCHED_ROWS[label]
+        row = {"model": label, "parameters": None, "non_embedding_parameters": None, "train_tokens": None,
+               "train_tok_s": None, f"PPL held-out (ctx {C})": None, "±": None, "PPL llama.cpp f16": None,
+               "HellaSwag": None}
+        t0 = time.perf_counter()
+        if kind == "ngram":
+            order, budget_only = opt
+            if all_train is None:
+                all_train = load_tokens(train_files)
+            toks = all_train[: args.budget] if budget_only else all_train
+            model = NGramModel(order, "mkn").fit(toks)
+            r = ngram_perplexity(model, held_tokens, C, W)
+            row.update({"train_tokens": int(len(toks)), f"PPL held-out (ctx {C})": round(r.ppl, 2),
+                        "±": round(r.ppl_stderr, 2), "fit_s": round(time.perf_counter() - t0, 1)})
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+            continue
+        out = args.out / label.replace(" ", "_").replace(",", "").replace("/", "-").replace("(", "").replace(")", "")
+        common = dict(corpus=[str(f) for f in train_files], out=str(out), ctx=C, tokens=args.budget, batch_size=8,
+                      lr=2e-3, warmup_steps=50, eval_every=10**9, seed=1234, device="cpu")
+        if kind == "neural":
+            cfg = TrainConfig(**common, n_embd=opt[0].get("n_embd", n_embd), neural={"n_embd": n_embd, **opt[0]})
+        else:
+            spec = VariantSpec(**opt[0])
+            cfg = TrainConfig(**common, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                              variant={} if spec.is_plain_gpt2 else {**vars(spec)})
+        summary = train(cfg, progress=False, log=lambda m: None)
+        n_params = summary["parameters"]
+        emb = 50257 * n_embd + (C * n_embd if kind == "gpt" and opt[0].get("pos", "learned") == "learned" else 0)
+        r = hf_perplexity(out, held_text, C, max_windows=W)
+        row.update({"parameters": n_params, "non_embedding_parameters": n_params - emb,
+                    "train_tokens": summary["tokens"], "train_tok_s": summary["tokens_per_s"],
+                    f"PPL held-out (ctx {C})": round(r.ppl, 2), "±": round(r.ppl_stderr, 2)})
+        gguf = out / "f16.gguf"
+        try:
+            if kind == "gpt":
+                convert(out, gguf, "f16", force=True, progress=False, log=lambda m: None)
+            else:
+                gguf = None
+        except UnsupportedArchitecture:
+            gguf = None
+        if gguf is not None:
+            row["PPL llama.cpp f16"] = round(llama_perplexity(gguf, held_text, C, max_windows=W).ppl, 2)
+        if args.hellaswag and hs_data.is_file():
+            row["HellaSwag"] = round(evaluate_hellaswag(out, hs_data, limit=args.hellaswag, seed=0)["accuracy"], 3)
+        if kind == "gpt":
+            ex = {"model": label, "engine": "llama.cpp" if gguf is not None else "pytorch"}
+            for mult in (1, 2, 4):
+                try:
+                    if gguf is not None:
+                        ppl = llama_perplexity(gguf, held_text, C * mult, max_windows=max(1, W // mult)).ppl
+                    else:
+                        ppl = hf_perplexity(out, held_text, C * mult, max_windows=max(1, W // mult)).ppl
+                    ex[f"{mult}x ({C * mult})"] = round(ppl, 2)
+                except InputError as e:  # an absolute position table: bounded to 1x
+                    ex[f"{mult}x ({C * mult})"] = "n/a (position table)" if "context length" in str(e) else str(e)
+            extrap.append(ex)
+            print(json.dumps(ex), file=sys.stderr)
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+    meta = {"budget_tokens": args.budget, "train_ctx": C, "gpt_shape": args.shape, "held_out": HELD_OUT,
+            "windows": W, "held_out_tokens": int(len(held_tokens)), "hellaswag_tasks": args.hellaswag,
+            "hellaswag_split": "validation", "threads": args.threads}
+    report = {"meta": meta, "rows": rows, "extrapolation": extrap}
+    (args.out / "matched.json").write_text(json.dumps(report, indent=2))
+    md = _md_table(rows) + ("\n\nLength extrapolation (PPL, held-out books):\n\n" + _md_table(extrap) if extrap else "")
+    (args.out / "matched.md").write_text(md + "\n")
+    _plot_matched(rows, f"PPL held-out (ctx {C})", args.out / "matched.png")
+    print(json.dumps(report, indent=2))
+    print(md)
+
+
+def _md_table(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _plot_matched(rows: list[dict], key: str, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    x = np.arange(len(rows))
+    ax.bar(x, [r[key] for r in rows], yerr=[r["±"] for r in rows], capsize=3)
+    ax.set_xticks(x, [r["model"] for r in rows], rotation=35, ha="right")
+    ax.set_yscale("log")
+    ax.set_ylabel(f"held-out {key.split('(')[0].strip()} (log scale)")
+    ax.set_title("Same books, same token budget: n-grams -> FFNN -> RNN -> LSTM -> GPT-2 variants")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
 
 
 def _plot(rows: list[dict], sets: list[str], png: Path) -> None:
