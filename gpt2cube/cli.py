@@ -653,6 +653,106 @@ def prune(cctx, src, out, ffn, recipe_file, importance, calib, calib_tokens, ctx
                f"\nnext: gpt2cube convert {out} -o pruned.gguf --type q4_k  (or finetune {out} --distill {src})")
 
 
+def _sampling_options(f):
+    for opt in reversed([
+        click.option("--temperature", type=float, default=0.8, show_default=True, help="0 = greedy."),
+        click.option("--top-k", type=int, default=40, show_default=True, help="0 = all tokens."),
+        click.option("--top-p", type=float, default=0.95, show_default=True),
+        click.option("--repeat-penalty", type=float, default=1.1, show_default=True, help="1 = off."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--max-tokens", type=int, default=128, show_default=True, help="Longest reply."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@_sampling_options
+@click.option("--engine", type=click.Choice(["llama.cpp", "routed"]), default="llama.cpp", show_default=True,
+              help="Stock llama.cpp, or gpt2cube's routed engine for hypercube files.")
+@click.option("--radius", type=int, default=None, help="Routed engine: Hamming radius of the FFN groups [default: dense].")
+@click.option("--vertices", "show_vertices", is_flag=True, help="Routed engine: show each reply token's vertices.")
+@click.option("--device", default="cpu", show_default=True, help="Routed engine: cpu, auto or a ggml device.")
+@click.option("--ctx", type=int, default=None, help="Context window [default: the model's].")
+@click.option("--format", "fmt", type=click.Choice(["transcript", "dialogpt"]), default="transcript", show_default=True,
+              help="transcript: 'User: / Assistant:' lines after an opening line; dialogpt: turns separated by "
+                   "<|endoftext|> (DialoGPT checkpoints).")
+@click.option("--system", default=None, help="The transcript's opening line.")
+@click.option("--threads", type=int, default=None)
+@_fail_cleanly
+def chat(model, temperature, top_k, top_p, repeat_penalty, seed, max_tokens, engine, radius, show_vertices, device,
+         ctx, fmt, system, threads) -> None:
+    """Chat with MODEL in the terminal: replies stream as they are generated, the history is kept
+    within the context (oldest turns dropped, and said so). /reset, /stats, /vertices, /quit."""
+    from .chat.backends import open_backend
+    from .chat.conversation import Conversation
+    from .chat.sampling import Sampling
+    from .chat.terminal import chat_loop
+
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, repeat_penalty=repeat_penalty, seed=seed,
+                        max_tokens=max_tokens)
+    conv = Conversation(fmt=fmt, **({"system": system} if system is not None else {}))
+    backend = open_backend(model, engine, radius=radius, n_ctx=ctx, n_threads=threads, device=device)
+    try:
+        if sampling.max_tokens >= backend.n_ctx - 8:
+            raise InputError(f"--max-tokens {max_tokens} leaves no room for the prompt in the {backend.n_ctx}-token context")
+        interactive = sys.stdin.isatty()
+        chat_loop(backend, conv, sampling, read=(lambda: input("you: ")) if interactive else _stdin_line,
+                  show_vertices=show_vertices)
+    finally:
+        backend.close()
+
+
+def _stdin_line() -> str:
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option("--allow-remote", is_flag=True, help="Needed to bind to an address other than loopback.")
+@click.option("--memory-budget", "budget_mb", type=float, default=2048, show_default=True,
+              help="MB that loaded models may take (file + KV cache + buffers); least recently used ones are unloaded.")
+@click.option("--queue", "queue_limit", type=click.IntRange(1, 1000), default=8, show_default=True,
+              help="Requests that may wait per model; more get HTTP 429.")
+@click.option("--ctx", type=int, default=1024, show_default=True, help="Context window per model (at most the model's).")
+@click.option("--threads", type=int, default=None)
+@_fail_cleanly
+def serve(models, host, port, allow_remote, budget_mb, queue_limit, ctx, threads) -> None:
+    """A local web page and an OpenAI-compatible API (/v1/completions, /v1/chat/completions, with
+    streaming) over MODELS; the page shows each model's type, size and bits per weight and can send
+    one prompt to two models side by side."""
+    import ipaddress
+    import socket
+
+    from .chat.pool import ModelPool
+    from .chat.server import create_app
+
+    try:
+        addrs = {ipaddress.ip_address(a[4][0]) for a in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, ValueError) as e:
+        raise InputError(f"--host {host}: cannot resolve it ({e})") from None
+    if not all(a.is_loopback for a in addrs) and not allow_remote:
+        raise InputError(f"--host {host} is not a loopback address; other machines could reach the server. "
+                         "Pass --allow-remote to bind there anyway")
+    if budget_mb <= 0:
+        raise InputError(f"--memory-budget {budget_mb}; expected a positive number of MB")
+    pool = ModelPool(list(models), budget_bytes=int(budget_mb * 1e6), queue_limit=queue_limit, n_ctx=ctx,
+                     n_threads=threads)
+    for name, e in pool.entries.items():
+        _log(f"{name}: {e.path}" + (f" (unavailable: {e.reason})" if e.reason else
+                                    f" ({e.info['type']}, {e.info['size_mb']} MB, about {e.est_bytes / 1e6:.0f} MB loaded)"))
+    import uvicorn
+
+    _log(f"serving on http://{host}:{port}/ (budget {budget_mb:.0f} MB)")
+    uvicorn.run(create_app(pool), host=host, port=port, log_level="warning")
+
+
 @main.group()
 def baseline() -> None:
     """Baselines measured on the same GPT-2 token stream as the models."""

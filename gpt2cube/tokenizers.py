@@ -76,6 +76,10 @@ class GGUFTokenizer:
     def decode(self, tokens: list[int]) -> str:
         return self._llm.detokenize(tokens).decode("utf-8", errors="replace")
 
+    def decode_bytes(self, tokens: list[int]) -> bytes:
+        """Raw bytes: one token may hold part of a UTF-8 character."""
+        return self._llm.detokenize(tokens)
+
     def close(self) -> None:
         self._llm.close()
 

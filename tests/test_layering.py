@@ -17,7 +17,7 @@ LAYERS = {
     "hypercube": 4, "engine": 4,
     "eval": 5, "inspect_gguf": 5,
     "train": 6,
-    "finetune": 7, "prune": 7, "synth": 7, "demo": 7,
+    "finetune": 7, "prune": 7, "synth": 7, "demo": 7, "chat": 7,
     "cli": 8, "__main__": 8,
 }
 
