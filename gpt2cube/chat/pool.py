@@ -1,6 +1,8 @@
 """The models a server offers: described from their headers at start, loaded when first asked
 for, unloaded least-recently-used to stay under a memory budget, one request at a time per model
-with a bounded queue. A file that fails to load is marked unavailable with the reason; the others
+with a bounded queue (more get 429). A model that must wait for room waits for the models in use
+to finish their current request (then they unload: turns alternate) up to load_wait_s, else
+503. A file that fails to load is marked unavailable with the reason; the others
 keep serving.
 
 Memory per loaded model is estimated as the file (llama.cpp maps it and reads all of it) plus the
@@ -66,12 +68,15 @@ def describe(path: Path, n_ctx: int | None) -> tuple[dict, int]:
 
 class ModelPool:
     def __init__(self, paths: list[Path], *, budget_bytes: int, queue_limit: int = 8, n_ctx: int | None = None,
-                 n_threads: int | None = None, loader=None) -> None:
+                 n_threads: int | None = None, loader=None, load_wait_s: float = 30.0) -> None:
         from .backends import open_backend
 
         self.budget, self.queue_limit, self.n_ctx, self.n_threads = budget_bytes, queue_limit, n_ctx, n_threads
         self._open = loader or (lambda e: open_backend(e.path, n_ctx=n_ctx, n_threads=n_threads))
         self._loading = asyncio.Lock()
+        self._freed = asyncio.Event()
+        self._memory_waiters = 0
+        self.load_wait_s = load_wait_s
         self.loads = 0
         self.entries: dict[str, Entry] = {}
         for p in paths:
@@ -127,19 +132,38 @@ class ModelPool:
 
     def release(self, e: Entry) -> None:
         e.last_used = time.monotonic()
+        if self._memory_waiters and e.backend is not None:
+            self._unload(e)  # a load is waiting for room: this model is idle now, make room (fair turns)
         e.lock.release()
+        self._freed.set()
 
     async def _load(self, e: Entry) -> None:
-        # eviction runs on the event loop: a model whose lock is free cannot be picked up meanwhile
-        for other in sorted(self.entries.values(), key=lambda x: x.last_used):
+        # eviction runs on the event loop: a model whose lock is free cannot be picked up meanwhile;
+        # models in use are waited for (each unloads when its current request ends) up to load_wait_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.load_wait_s
+        while True:
+            for other in sorted(self.entries.values(), key=lambda x: x.last_used):
+                if self.loaded_bytes() + e.est_bytes <= self.budget:
+                    break
+                if other.backend is not None and other is not e and not other.lock.locked():
+                    self._unload(other)
             if self.loaded_bytes() + e.est_bytes <= self.budget:
                 break
-            if other.backend is not None and other is not e and not other.lock.locked():
-                self._unload(other)
-        if self.loaded_bytes() + e.est_bytes > self.budget:
-            busy = [o.name for o in self.entries.values() if o.backend is not None]
-            raise ServeError(503, f"model {e.name!r} (about {e.est_bytes / 1e6:.0f} MB) does not fit in the "
-                                  f"{self.budget / 1e6:.0f} MB budget beside {', '.join(busy)}, in use; retry shortly")
+            left = deadline - loop.time()
+            if left <= 0:
+                busy = [o.name for o in self.entries.values() if o.backend is not None]
+                raise ServeError(503, f"model {e.name!r} (about {e.est_bytes / 1e6:.0f} MB) does not fit in the "
+                                      f"{self.budget / 1e6:.0f} MB budget beside {', '.join(busy)}, still in use "
+                                      f"after {self.load_wait_s:.0f} s; retry later")
+            self._freed.clear()
+            self._memory_waiters += 1
+            try:
+                await asyncio.wait_for(self._freed.wait(), left)
+            except TimeoutError:
+                pass
+            finally:
+                self._memory_waiters -= 1
         try:
             e.backend = await asyncio.to_thread(self._open, e)
         except Exception as exc:  # the file is broken: say why, keep serving the others
