@@ -71,8 +71,9 @@ def arch_for(ckpt: Checkpoint) -> Architecture:
     got = ", ".join(map(str, declared)) or f"model_type={cfg.get('model_type')!r}"
     raise UnsupportedArchitecture(
         f"{ckpt.path / 'config.json'}: architecture {got} is not supported; "
-        f"supported: {', '.join(sorted(k for k in ARCHITECTURES if k[0].isupper()))} (the GPT-2 family: "
-        "gpt2, gpt2-medium/large/xl, distilgpt2, DialoGPT, or one trained with gpt2cube)"
+        f"supported: {', '.join(sorted(k for k in ARCHITECTURES if k[0].isupper() and k != VARIANT_ARCHITECTURE))} "
+        "(the GPT-2 family: gpt2, gpt2-medium/large/xl, distilgpt2, DialoGPT, or one trained with gpt2cube), "
+        f"and {VARIANT_ARCHITECTURE} (gpt2cube train --pos ...)"
     )
 
 
