@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from benchmarks._common import print_report  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from _common import print_report  # noqa: E402
 
 
 def _rss_mb(pid: int, key: str) -> float:
