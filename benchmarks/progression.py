@@ -14,7 +14,10 @@ matched within about 20 %. Held-out PPL with its standard error (PyTorch, the sa
 every row; plus llama.cpp on the f16 file where the variant converts), parameters, training
 tokens/s, HellaSwag (seeded validation subset), and a length-extrapolation table: PPL at 1x, 2x
 and 4x the training window (llama.cpp where the architecture runs there, else PyTorch; absolute
-position tables stop at 1x). Writes DIR/matched.{json,md,png}. Each row is what this command runs:
+position tables stop at 1x). Each finished row is saved at once as DIR/rows/<row>.json; a later run
+skips rows already saved there (--redo measures them again), so the table can be built in several
+runs of one or a few --rows each; the table DIR/matched.{json,md,png} is written from every saved
+row, in the order of MATCHED_ROWS. Each row is what this command runs:
 
     gpt2cube train --corpus BOOKS --holdout ... --pos P [--parallel] --n-layer L --n-embd E --n-head H \
         --ctx C --tokens B --batch-size 8 --lr 2e-3 --warmup-steps 50
@@ -53,6 +56,7 @@ def main() -> None:
     ap.add_argument("--train-ctx", type=int, default=128, help="matched: training window (1x of the extrapolation)")
     ap.add_argument("--shape", default="4x128x4", help="matched: GPT n_layer x n_embd x n_head")
     ap.add_argument("--rows", nargs="+", default=None, help="matched: only these rows (labels of MATCHED_ROWS)")
+    ap.add_argument("--redo", action="store_true", help="matched: measure rows already saved in DIR/rows again")
     ap.add_argument("--hellaswag", type=int, default=200, help="matched: seeded HellaSwag tasks (0: none)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -150,15 +154,8 @@ def matched(args) -> None:
     """The matched-budget table and the length-extrapolation table (see the module doc)."""
     import torch
 
-    from gpt2cube.converter import convert
-    from gpt2cube.errors import InputError, UnsupportedArchitecture
-    from gpt2cube.eval.hellaswag import evaluate_hellaswag
-    from gpt2cube.eval.perplexity import hf_perplexity, llama_perplexity
     from gpt2cube.tokenizers import encode_text, hf_tokenizer
-    from gpt2cube.train.data import corpus_files, load_tokens, split_holdout
-    from gpt2cube.train.ngram import NGramModel, ngram_perplexity
-    from gpt2cube.train.trainer import TrainConfig, train
-    from gpt2cube.variants.spec import VariantSpec
+    from gpt2cube.train.data import corpus_files, split_holdout
 
     torch.set_num_threads(args.threads)
     books = args.data / "gutenberg" / "books"
@@ -171,77 +168,38 @@ def matched(args) -> None:
     n_layer, n_embd, n_head = (int(v) for v in args.shape.split("x"))
     C, W = args.train_ctx, args.max_windows or 200
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, extrap = [], []
     wanted = args.rows or list(MATCHED_ROWS)
     unknown = sorted(set(wanted) - set(MATCHED_ROWS))
     if unknown:
         sys.exit(f"--rows: unknown {unknown}; known: {list(MATCHED_ROWS)}")
-    all_train = None
-    for label in wanted:
-        kind, *opt = MATCHED_ROWS[label]
-        row = {"model": label, "parameters": None, "non_embedding_parameters": None, "train_tokens": None,
-               "train_tok_s": None, f"PPL held-out (ctx {C})": None, "±": None, "PPL llama.cpp f16": None,
-               "HellaSwag": None}
-        t0 = time.perf_counter()
-        if kind == "ngram":
-            order, budget_only = opt
-            if all_train is None:
-                all_train = load_tokens(train_files)
-            toks = all_train[: args.budget] if budget_only else all_train
-            model = NGramModel(order, "mkn").fit(toks)
-            r = ngram_perplexity(model, held_tokens, C, W)
-            row.update({"train_tokens": int(len(toks)), f"PPL held-out (ctx {C})": round(r.ppl, 2),
-                        "±": round(r.ppl_stderr, 2), "fit_s": round(time.perf_counter() - t0, 1)})
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
-            continue
-        out = args.out / label.replace(" ", "_").replace(",", "").replace("/", "-").replace("(", "").replace(")", "")
-        common = dict(corpus=[str(f) for f in train_files], out=str(out), ctx=C, tokens=args.budget, batch_size=8,
-                      lr=2e-3, warmup_steps=50, eval_every=10**9, seed=1234, device="cpu")
-        if kind == "neural":
-            cfg = TrainConfig(**common, n_embd=opt[0].get("n_embd", n_embd), neural={"n_embd": n_embd, **opt[0]})
-        else:
-            spec = VariantSpec(**opt[0])
-            cfg = TrainConfig(**common, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                              variant={} if spec.is_plain_gpt2 else {**vars(spec)})
-        summary = train(cfg, progress=False, log=lambda m: None)
-        n_params = summary["parameters"]
-        emb = 50257 * n_embd + (C * n_embd if kind == "gpt" and opt[0].get("pos", "learned") == "learned" else 0)
-        r = hf_perplexity(out, held_text, C, max_windows=W)
-        row.update({"parameters": n_params, "non_embedding_parameters": n_params - emb,
-                    "train_tokens": summary["tokens"], "train_tok_s": summary["tokens_per_s"],
-                    f"PPL held-out (ctx {C})": round(r.ppl, 2), "±": round(r.ppl_stderr, 2)})
-        gguf = out / "f16.gguf"
-        try:
-            if kind == "gpt":
-                convert(out, gguf, "f16", force=True, progress=False, log=lambda m: None)
-            else:
-                gguf = None
-        except UnsupportedArchitecture:
-            gguf = None
-        if gguf is not None:
-            row["PPL llama.cpp f16"] = round(llama_perplexity(gguf, held_text, C, max_windows=W).ppl, 2)
-        if args.hellaswag and hs_data.is_file():
-            row["HellaSwag"] = round(evaluate_hellaswag(out, hs_data, limit=args.hellaswag, seed=0)["accuracy"], 3)
-        if kind == "gpt":
-            ex = {"model": label, "engine": "llama.cpp" if gguf is not None else "pytorch"}
-            for mult in (1, 2, 4):
-                try:
-                    if gguf is not None:
-                        ppl = llama_perplexity(gguf, held_text, C * mult, max_windows=max(1, W // mult)).ppl
-                    else:
-                        ppl = hf_perplexity(out, held_text, C * mult, max_windows=max(1, W // mult)).ppl
-                    ex[f"{mult}x ({C * mult})"] = round(ppl, 2)
-                except InputError as e:  # an absolute position table: bounded to 1x
-                    ex[f"{mult}x ({C * mult})"] = "n/a (position table)" if "context length" in str(e) else str(e)
-            extrap.append(ex)
-            print(json.dumps(ex), file=sys.stderr)
-        row["seconds"] = round(time.perf_counter() - t0, 1)
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
     meta = {"budget_tokens": args.budget, "train_ctx": C, "gpt_shape": args.shape, "held_out": HELD_OUT,
             "windows": W, "held_out_tokens": int(len(held_tokens)), "hellaswag_tasks": args.hellaswag,
-            "hellaswag_split": "validation", "threads": args.threads}
+            "hellaswag_split": "validation"}
+    saved_dir = args.out / "rows"
+    saved_dir.mkdir(exist_ok=True)
+    cache: dict = {}  # the training tokens, loaded once for the n-gram rows
+    for label in wanted:
+        saved = saved_dir / (_slug(label) + ".json")
+        if saved.is_file() and not args.redo:
+            if json.loads(saved.read_text())["meta"] == meta:
+                print(f"{label}: saved in {saved}, skipped (--redo measures it again)", file=sys.stderr)
+                continue
+            print(f"{label}: {saved} was measured with other settings; measuring again", file=sys.stderr)
+        kind, *opt = MATCHED_ROWS[label]
+        row, ex = _matched_row(args, label, kind, opt, C, W, held_text, held_tokens, train_files, hs_data,
+                               (n_layer, n_embd, n_head), cache)
+        _write_atomic(saved, json.dumps({"meta": meta, "threads": args.threads, "row": row, "extrapolation": ex}, indent=2))
+    rows, extrap, threads = [], [], set()
+    for label in MATCHED_ROWS:
+        saved = saved_dir / (_slug(label) + ".json")
+        if saved.is_file():
+            rec = json.loads(saved.read_text())
+            if rec["meta"] == meta:
+                rows.append(rec["row"])
+                threads.add(rec["threads"])
+                if rec["extrapolation"]:
+                    extrap.append(rec["extrapolation"])
+    meta["threads"] = sorted(threads)
     report = {"meta": meta, "rows": rows, "extrapolation": extrap}
     (args.out / "matched.json").write_text(json.dumps(report, indent=2))
     md = _md_table(rows) + ("\n\nLength extrapolation (PPL, held-out books):\n\n" + _md_table(extrap) if extrap else "")
@@ -249,6 +207,89 @@ def matched(args) -> None:
     _plot_matched(rows, f"PPL held-out (ctx {C})", args.out / "matched.png")
     print(json.dumps(report, indent=2))
     print(md)
+
+
+def _slug(label: str) -> str:
+    return label.replace(" ", "_").replace(",", "").replace("/", "-").replace("(", "").replace(")", "")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".part")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _matched_row(args, label, kind, opt, C, W, held_text, held_tokens, train_files, hs_data, shape, cache):
+    """Train (or fit) one row's model and measure it: (row, extrapolation row or None)."""
+    from gpt2cube.converter import convert
+    from gpt2cube.errors import InputError, UnsupportedArchitecture
+    from gpt2cube.eval.hellaswag import evaluate_hellaswag
+    from gpt2cube.eval.perplexity import hf_perplexity, llama_perplexity
+    from gpt2cube.train.data import load_tokens
+    from gpt2cube.train.ngram import NGramModel, ngram_perplexity
+    from gpt2cube.train.trainer import TrainConfig, train
+    from gpt2cube.variants.spec import VariantSpec
+
+    n_layer, n_embd, n_head = shape
+    row = {"model": label, "parameters": None, "non_embedding_parameters": None, "train_tokens": None,
+           "train_tok_s": None, f"PPL held-out (ctx {C})": None, "±": None, "PPL llama.cpp f16": None,
+           "HellaSwag": None}
+    t0 = time.perf_counter()
+    if kind == "ngram":
+        order, budget_only = opt
+        if "tokens" not in cache:
+            cache["tokens"] = load_tokens(train_files)
+        toks = cache["tokens"][: args.budget] if budget_only else cache["tokens"]
+        model = NGramModel(order, "mkn").fit(toks)
+        r = ngram_perplexity(model, held_tokens, C, W)
+        row.update({"train_tokens": int(len(toks)), f"PPL held-out (ctx {C})": round(r.ppl, 2),
+                    "±": round(r.ppl_stderr, 2), "fit_s": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(row), file=sys.stderr)
+        return row, None
+    out = args.out / _slug(label)
+    common = dict(corpus=[str(f) for f in train_files], out=str(out), ctx=C, tokens=args.budget, batch_size=8,
+                  lr=2e-3, warmup_steps=50, eval_every=10**9, seed=1234, device="cpu")
+    if kind == "neural":
+        cfg = TrainConfig(**common, n_embd=opt[0].get("n_embd", n_embd), neural={"n_embd": n_embd, **opt[0]})
+    else:
+        spec = VariantSpec(**opt[0])
+        cfg = TrainConfig(**common, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                          variant={} if spec.is_plain_gpt2 else {**vars(spec)})
+    summary = train(cfg, progress=False, log=lambda m: None)
+    n_params = summary["parameters"]
+    emb = 50257 * n_embd + (C * n_embd if kind == "gpt" and opt[0].get("pos", "learned") == "learned" else 0)
+    r = hf_perplexity(out, held_text, C, max_windows=W)
+    row.update({"parameters": n_params, "non_embedding_parameters": n_params - emb,
+                "train_tokens": summary["tokens"], "train_tok_s": summary["tokens_per_s"],
+                f"PPL held-out (ctx {C})": round(r.ppl, 2), "±": round(r.ppl_stderr, 2)})
+    gguf = out / "f16.gguf"
+    try:
+        if kind == "gpt":
+            convert(out, gguf, "f16", force=True, progress=False, log=lambda m: None)
+        else:
+            gguf = None
+    except UnsupportedArchitecture:
+        gguf = None
+    if gguf is not None:
+        row["PPL llama.cpp f16"] = round(llama_perplexity(gguf, held_text, C, max_windows=W).ppl, 2)
+    if args.hellaswag and hs_data.is_file():
+        row["HellaSwag"] = round(evaluate_hellaswag(out, hs_data, limit=args.hellaswag, seed=0)["accuracy"], 3)
+    ex = None
+    if kind == "gpt":
+        ex = {"model": label, "engine": "llama.cpp" if gguf is not None else "pytorch"}
+        for mult in (1, 2, 4):
+            try:
+                if gguf is not None:
+                    ppl = llama_perplexity(gguf, held_text, C * mult, max_windows=max(1, W // mult)).ppl
+                else:
+                    ppl = hf_perplexity(out, held_text, C * mult, max_windows=max(1, W // mult)).ppl
+                ex[f"{mult}x ({C * mult})"] = round(ppl, 2)
+            except InputError as e:  # an absolute position table: bounded to 1x
+                ex[f"{mult}x ({C * mult})"] = "n/a (position table)" if "context length" in str(e) else str(e)
+        print(json.dumps(ex), file=sys.stderr)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(row), file=sys.stderr)
+    return row, ex
 
 
 def _md_table(rows: list[dict]) -> str:
