@@ -18,7 +18,7 @@ from .hypercube.calibrate import ROUTERS as HC_ROUTERS
 from .kernels import QUANT_TYPES
 from .train.ngram import METHODS as NGRAM_METHODS
 from .train.trainer import PRESETS  # light: torch is imported only when training starts
-from .variants.spec import NEURAL_KINDS, POSITIONS
+from .variants.spec import ATTENTIONS, NEURAL_KINDS, POSITIONS
 
 
 def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -455,25 +455,41 @@ def build() -> None:
 @click.option("--rope-base", type=float, default=None, help="rope/rotating: frequency base [default: 10000].")
 @click.option("--parallel", is_flag=True, help="Parallel blocks: x + attn(ln(x)) + mlp(ln(x)) from one LayerNorm "
               "(llama.cpp runs them with --pos rope, as gptneox).")
+@click.option("--attention", type=click.Choice(list(ATTENTIONS)), default="full", show_default=True,
+              help="; ".join(f"{a.name}: {a.summary}" + (" (PyTorch only)" if a.why_not else "")
+                             for a in ATTENTIONS.values()))
+@click.option("--linformer-block", type=int, default=None, help="linformer: keys per compressed block [default: 32].")
+@click.option("--linformer-k", type=int, default=None,
+              help="linformer: learned mixtures each earlier block is projected to [default: 8].")
+@click.option("--duo-predict", is_flag=True, help="Train reading left to right and right to left in alternation "
+              "(the window reversed for every other sequence), a learned direction embedding saying which; "
+              "evaluated and generated left to right (PyTorch only).")
+@click.option("--drift-diffusion", "diffusion_sigma", type=float, default=0.0, show_default=True,
+              help="Train the residual stream as a drift-diffusion path: after each of the L blocks add Gaussian "
+                   "noise of std SIGMA * rms(x) / sqrt(L) (training only; the file is the drift path, which "
+                   "converts as its --pos does). 0: off.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @_fail_cleanly
 def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size, lr, warmup_steps, eval_every,
-          holdout, seed, device, threads, precision, stop_at, resume, pos, rope_fraction, rope_base, parallel, quiet,
-          as_json) -> None:
-    """Train a GPT-2 (or a variant: --pos, --parallel) from scratch and write a Hugging Face-style
-    checkpoint. Plain GPT-2 (--pos learned) is transformers' GPT2LMHeadModel; variants are
-    gpt2cube's own torch model with GPT-2's tensor names, which `convert` writes to the llama.cpp
-    architecture that computes them exactly (sinusoidal: gpt2, rope: gptneox, alibi/none: mpt) and
-    `eval perplexity --hf` scores in PyTorch. Linformer, duo-predict and drift-diffusion are not built."""
+          holdout, seed, device, threads, precision, stop_at, resume, pos, rope_fraction, rope_base, parallel,
+          attention, linformer_block, linformer_k, duo_predict, diffusion_sigma, quiet, as_json) -> None:
+    """Train a GPT-2 (or a variant: --pos, --parallel, --attention, --duo-predict, --drift-diffusion)
+    from scratch and write a Hugging Face-style checkpoint. Plain GPT-2 is transformers'
+    GPT2LMHeadModel; variants are gpt2cube's own torch model with GPT-2's tensor names, which
+    `convert` writes to the llama.cpp architecture that computes them exactly (sinusoidal: gpt2,
+    rope: gptneox, alibi/none: mpt) or refuses with the reason, and `eval perplexity` scores in
+    PyTorch."""
     from dataclasses import asdict
 
     from .train.trainer import TrainConfig
     from .train.trainer import train as run_train
     from .variants.spec import VariantSpec
 
-    options = {k: v for k, v in (("rope_fraction", rope_fraction), ("rope_base", rope_base)) if v is not None}
-    spec = VariantSpec(pos=pos, parallel=parallel, **options)
+    options = {k: v for k, v in (("rope_fraction", rope_fraction), ("rope_base", rope_base),
+                                 ("linformer_block", linformer_block), ("linformer_k", linformer_k)) if v is not None}
+    spec = VariantSpec(pos=pos, parallel=parallel, attention=attention, duo_predict=duo_predict,
+                       diffusion_sigma=diffusion_sigma, **options)
     variant = {} if spec.is_plain_gpt2 else asdict(spec)
 
     shape = dict(zip(("n_layer", "n_embd", "n_head", "ctx"), PRESETS[preset or "reference"]))

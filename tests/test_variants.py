@@ -41,7 +41,15 @@ CONVERTIBLE = {
     "alibi": (VariantSpec(pos="alibi"), 128, 4, True, "mpt"),
     "alibi-6-heads": (VariantSpec(pos="alibi"), 96, 6, False, "mpt"),  # slopes for a non-power-of-two count
     "none": (VariantSpec(pos="none"), 128, 4, True, "mpt"),
+    # drift-diffusion's noise is training-only: the file is the drift path, converted as its --pos
+    "drift-diffusion": (VariantSpec(diffusion_sigma=0.3), 128, 4, True, "gpt2"),
+    "drift-diffusion-rope": (VariantSpec(pos="rope", diffusion_sigma=0.3), 128, 4, True, "gptneox"),
 }
+LINFORMER = VariantSpec(attention="linformer", linformer_block=8, linformer_k=3)
+# the structures beside the position schemes, each with a position scheme it combines with
+STRUCTURES = [LINFORMER, VariantSpec(pos="rope", attention="linformer", linformer_block=8, linformer_k=2),
+              VariantSpec(duo_predict=True), VariantSpec(pos="alibi", duo_predict=True),
+              VariantSpec(diffusion_sigma=0.5), VariantSpec(pos="kerple", diffusion_sigma=0.5)]
 
 
 def _err(got: np.ndarray, ref: np.ndarray) -> float:
@@ -141,6 +149,123 @@ def test_every_variant_is_causal(pos, parallel):
     assert not torch.allclose(la[0, 12:], lb[0, 12:])
 
 
+@pytest.mark.parametrize("spec", STRUCTURES, ids=lambda s: s.describe())
+def test_linformer_duo_predict_and_drift_diffusion_are_causal(spec):
+    torch.manual_seed(0)
+    model = VariantLM(VariantConfig(n_layer=2, n_embd=64, n_head=4, n_positions=32, variant=spec)).eval()
+    a = torch.randint(0, 50257, (1, 30))
+    b = a.clone()
+    b[0, 17:] = torch.randint(0, 50257, (13,))
+    with torch.no_grad():
+        la, lb = model(a).logits, model(b).logits
+        again = model(a).logits
+    torch.testing.assert_close(la[0, :17], lb[0, :17], rtol=0, atol=1e-5)
+    assert not torch.allclose(la[0, 17:], lb[0, 17:])
+    torch.testing.assert_close(again, la, rtol=0, atol=0)  # evaluation is deterministic (no diffusion noise)
+
+
+def _linformer_by_loops(q, k, v, e, f, block):
+    """Independent reference of linformer.py's definition, one query at a time: the mixtures
+    E @ K_j, F @ V_j of every complete block j before the query's block, plus the keys of its
+    own block up to itself, softmax(q . key / sqrt(d))."""
+    B, H, T, d = q.shape
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                c = t // block
+                keys = [k[b, h, c * block: t + 1]]
+                vals = [v[b, h, c * block: t + 1]]
+                for j in range(c):
+                    keys.append(e @ k[b, h, j * block: (j + 1) * block])
+                    vals.append(f @ v[b, h, j * block: (j + 1) * block])
+                kk, vv = torch.cat(keys), torch.cat(vals)
+                w = torch.softmax(kk @ q[b, h, t] / d ** 0.5, dim=0)
+                out[b, h, t] = w @ vv
+    return out
+
+
+def test_causal_linformer_matches_its_definition():
+    from gpt2cube.variants.linformer import CausalLinformer
+
+    torch.manual_seed(1)
+    lin = CausalLinformer(block=5, k=2)
+    with torch.no_grad():  # trained-looking projections, not the pooling they start from
+        lin.e.normal_()
+        lin.f.normal_()
+    q, k, v = (torch.randn(2, 3, 23, 8, dtype=torch.float64) for _ in range(3))  # 4 full blocks and a partial one
+    with torch.no_grad():
+        got = lin.double()(q, k, v)
+    ref = _linformer_by_loops(q, k, v, lin.e.detach(), lin.f.detach(), 5)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_linformer_within_one_block_is_full_attention():
+    """Up to --linformer-block tokens nothing is compressed: the logits are full attention's."""
+    torch.manual_seed(2)
+    lin = VariantLM(VariantConfig(n_layer=2, n_embd=64, n_head=4, n_positions=32, variant=LINFORMER)).eval()
+    full = VariantLM(VariantConfig(n_layer=2, n_embd=64, n_head=4, n_positions=32)).eval()
+    full.load_state_dict({k: v for k, v in lin.state_dict().items() if ".linformer." not in k})
+    ids = torch.randint(0, 50257, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(lin(ids[:, :8]).logits, full(ids[:, :8]).logits, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(lin(ids).logits[:, 8:], full(ids).logits[:, 8:], atol=1e-3)
+
+
+def test_duo_predict_alternates_directions():
+    from gpt2cube.train.trainer import _loss
+
+    torch.manual_seed(3)
+    model = VariantLM(VariantConfig(n_layer=2, n_embd=64, n_head=4, n_positions=32,
+                                    variant=VariantSpec(duo_predict=True)))
+    xy = torch.randint(0, 50257, (3, 17))
+    for step, backward_rows in ((0, [1]), (1, [0, 2])):
+        got, extra = model.training_inputs(xy, step)
+        assert extra["reverse"].tolist() == [i in backward_rows for i in range(3)]
+        for i in range(3):
+            assert torch.equal(got[i], xy[i].flip(0) if i in backward_rows else xy[i])
+    model.eval()
+    with torch.no_grad():  # the right-to-left row of the direction embedding is what reverse selects
+        back = model(xy[:, :16], reverse=torch.tensor([True, False, True])).logits
+        fwd = model(xy[:, :16]).logits
+        swapped = VariantLM(model.config).eval()
+        swapped.load_state_dict(model.state_dict())
+        swapped.transformer.wde.weight[0] = model.transformer.wde.weight[1]
+        torch.testing.assert_close(back[0], swapped(xy[:1, :16]).logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(back[1], fwd[1], rtol=0, atol=0)
+        assert not torch.allclose(back[0], fwd[0], atol=1e-3)
+    model.train()  # the training loss reads the reversed windows; evaluation reads left to right
+    with torch.no_grad():
+        trained_on = float(_loss(model, xy, step=0))
+        assert trained_on != pytest.approx(float(_loss(model.eval(), xy)), rel=1e-6)
+
+
+def test_drift_diffusion_noise_has_the_stated_scale():
+    """With every block's output zeroed the stream is x0 plus the diffusion alone: L increments
+    of std sigma * rms(x) / sqrt(L), so sigma * rms(x0) in all (rms barely moves, sigma small)."""
+    torch.manual_seed(4)
+    sigma, L = 0.05, 4
+    model = VariantLM(VariantConfig(n_layer=L, n_embd=64, n_head=4, n_positions=32,
+                                    variant=VariantSpec(diffusion_sigma=sigma)))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+    captured = {}
+    model.transformer.ln_f.register_forward_hook(lambda m, inp, out: captured.__setitem__("x", inp[0]))
+    ids = torch.randint(0, 50257, (8, 32))
+    with torch.no_grad():
+        x0 = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(32))
+        model.train()(ids)
+        noise = captured["x"] - x0
+        rms = x0.pow(2).mean(-1, keepdim=True).sqrt()
+        ratio = float((noise / rms).std())
+        model.eval()(ids)
+    assert ratio == pytest.approx(sigma, rel=0.05)  # 8 x 32 x 64 samples: std of the estimate ~0.3 %
+    torch.testing.assert_close(captured["x"], x0, rtol=0, atol=0)  # evaluation: the drift path, no noise
+
+
 def test_alibi_slopes_follow_press_et_al():
     assert alibi_slopes(8, 8.0) == pytest.approx([2.0 ** -(i + 1) for i in range(8)])
     # 6 heads: the 4-head series, then the odd terms of the 8-head series
@@ -153,6 +278,8 @@ def test_alibi_slopes_follow_press_et_al():
     (VariantSpec(pos="rotating"), "one frequency set"),
     (VariantSpec(pos="alibi", parallel=True), "parallel blocks run in llama.cpp only with RoPE"),
     (VariantSpec(pos="sinusoidal", parallel=True), "parallel blocks run in llama.cpp only with RoPE"),
+    (LINFORMER, "Linformer's learned sequence projections"),
+    (VariantSpec(pos="rope", duo_predict=True), "direction embedding"),
 ])
 def test_unrepresentable_variants_are_refused(tmp_path, spec, reason):
     assert llama_target(spec)[0] is None
@@ -201,15 +328,18 @@ def _train(corpus, out, *extra):
                                      "--json", *extra])
 
 
-@pytest.mark.parametrize("pos", ["rope", "fire"])
-def test_train_resume_and_score_a_variant(corpus, tmp_path, pos):
-    out = tmp_path / pos
-    r = _train(corpus, out, "--pos", pos, "--stop-at", "3")
+@pytest.mark.parametrize("args", [["--pos", "rope"], ["--pos", "fire"], ["--drift-diffusion", "0.5"],
+                                  ["--duo-predict", "--pos", "rope"],
+                                  ["--attention", "linformer", "--linformer-block", "8", "--linformer-k", "2"]],
+                         ids=lambda a: "-".join(x.strip("-") for x in a))
+def test_train_resume_and_score_a_variant(corpus, tmp_path, args):
+    out = tmp_path / "run"
+    r = _train(corpus, out, *args, "--stop-at", "3")
     assert r.exit_code == 0, r.output
-    r = _train(corpus, out, "--pos", pos, "--resume")
+    r = _train(corpus, out, *args, "--resume")
     assert r.exit_code == 0, r.output
-    whole = tmp_path / f"{pos}-whole"
-    assert _train(corpus, whole, "--pos", pos).exit_code == 0
+    whole = tmp_path / "whole"
+    assert _train(corpus, whole, *args).exit_code == 0
     a, b = load_hf_model(out), load_hf_model(whole)
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)  # resuming is exact
@@ -237,6 +367,13 @@ def test_rope_variant_scores_beyond_its_training_context(corpus, tmp_path):
     (["--pos", "rope", "--rope-fraction", "1.5"], "expected a fraction in (0, 1]"),
     (["--pos", "rope", "--rope-fraction", "0.01"], "at least 2 are needed"),
     (["--pos", "xpos"], "Invalid value for '--pos'"),
+    (["--linformer-k", "4"], "apply to --attention linformer"),
+    (["--attention", "linformer", "--linformer-block", "8", "--linformer-k", "8"], "must be below"),
+    (["--attention", "linformer", "--linformer-block", "0"], "--linformer-block 0: expected a positive integer"),
+    (["--attention", "linformer", "--pos", "alibi"], "has no meaning for it"),
+    (["--attention", "linformer", "--linformer-block", "32"], "is not below the context 32"),
+    (["--drift-diffusion", "-1"], "expected a noise scale in [0, 10]"),
+    (["--attention", "performer"], "Invalid value for '--attention'"),
 ])
 def test_bad_variant_options(corpus, tmp_path, args, expect):
     out = tmp_path / "o"

@@ -117,12 +117,15 @@ def evaluate(model, val: np.ndarray, cfg: TrainConfig, device: str, precision: s
     return float(np.mean(losses))
 
 
-def _loss(model, xy, precision: str = "fp32"):
+def _loss(model, xy, precision: str = "fp32", step: int = 0):
     import torch
     import torch.nn.functional as F
 
+    extra = {}
+    if model.training and hasattr(model, "training_inputs"):  # a variant that trains on other windows (duo-predict)
+        xy, extra = model.training_inputs(xy, step)
     with torch.autocast(xy.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        logits = model(xy[:, :-1]).logits
+        logits = model(xy[:, :-1], **extra).logits
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), xy[:, 1:].reshape(-1))
 
 
@@ -194,6 +197,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optim"])
         rng.bit_generator.state = saved["rng"]
+        if "torch_rng" in saved:  # drift-diffusion's noise continues where it stopped
+            torch.random.set_rng_state(saved["torch_rng"])
         step, seen, elapsed = saved["step"], saved["tokens_seen"], saved["seconds"]
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "train_log.jsonl"
@@ -210,7 +215,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
         xy = _windows(train_tok, starts, cfg.ctx).to(device)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss = _loss(model, xy, precision)
+        loss = _loss(model, xy, precision, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -244,11 +249,12 @@ def _save(model, opt, rng, cfg: TrainConfig, step: int, seen: int, secs: float, 
 
     tmp = out / "train_state.pt.tmp"
     torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "rng": rng.bit_generator.state,
-                "config": asdict(cfg), "step": step, "tokens_seen": seen, "seconds": secs}, tmp)
+                "torch_rng": torch.random.get_rng_state(), "config": asdict(cfg), "step": step, "tokens_seen": seen, "seconds": secs}, tmp)
     os.replace(tmp, out / "train_state.pt")
     export = out / ".export.tmp"
     shutil.rmtree(export, ignore_errors=True)
-    half = type(model)(model.config)
+    with torch.random.fork_rng(devices=[]):  # building the copy draws init weights; training's stream must not move
+        half = type(model)(model.config)
     half.load_state_dict(model.state_dict())
     half.half().save_pretrained(export)
     enc, bpe = bundled_gpt2_files()

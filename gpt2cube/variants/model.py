@@ -1,6 +1,8 @@
 """The GPT-2 variant family in torch: GPT-2's blocks and parameter names (HF Conv1D layout, so the
 converter maps them with GPT-2's own tensor table), with the position scheme and block wiring of
-a `VariantSpec`. Checkpoints are Hugging Face-style directories: config.json (architectures
+a `VariantSpec` (causal Linformer attention in linformer.py; duo-predict's direction embedding
+`transformer.wde` and its reversed training windows in `training_inputs`; drift-diffusion's
+training noise after each block). Checkpoints are Hugging Face-style directories: config.json (architectures
 ["GPT2CubeVariantLM"], GPT-2's shape keys plus "variant"), model.safetensors, tokenizer files.
 """
 
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import CorruptCheckpoint, InputError
+from .linformer import CausalLinformer
 from .lm_io import SafetensorsLM
 from .positions import POSITION_MODULES, sinusoid_table
 from .spec import ARCHITECTURE, MODEL_TYPE, POSITIONS, VariantSpec
@@ -80,6 +83,9 @@ class Attention(nn.Module):
         self.c_attn = Conv1D(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd)
         self.pos = POSITION_MODULES[cfg.variant.pos](cfg.variant, cfg.n_head, self.head_dim)
+        spec = cfg.variant
+        if spec.attention == "linformer":  # the spec refuses distance-bias positions with it
+            self.linformer = CausalLinformer(spec.linformer_block, spec.linformer_k)
 
     def forward(self, x):
         B, T, E = x.shape
@@ -87,7 +93,9 @@ class Attention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = self.pos.rotate(q, k, torch.arange(T, device=x.device))
         bias = self.pos.bias(T, x.device)
-        if bias is None:
+        if hasattr(self, "linformer"):
+            y = self.linformer(q, k, v)
+        elif bias is None:
             y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
@@ -138,12 +146,17 @@ class VariantLM(SafetensorsLM, nn.Module):
             raise InputError(f"n_embd {E} is not divisible by n_head {config.n_head}")
         if POSITIONS[config.variant.pos].rotary:
             config.variant.rotary_dims(E // config.n_head)  # raises on a fraction that rotates nothing
+        if config.variant.attention == "linformer" and config.variant.linformer_block >= config.n_positions:
+            raise InputError(f"--linformer-block {config.variant.linformer_block} is not below the context "
+                             f"{config.n_positions}: no earlier block would ever be compressed")
         t = nn.Module()
         t.wte = nn.Embedding(config.vocab_size, E)
         if config.variant.pos == "learned":
             t.wpe = nn.Embedding(config.n_positions, E)
         elif config.variant.pos == "sinusoidal":
             t.wpe = FixedTable(sinusoid_table(config.n_positions, E))
+        if config.variant.duo_predict:  # row 0: reading left to right (inference), row 1: right to left
+            t.wde = nn.Embedding(2, E)
         t.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         t.ln_f = nn.LayerNorm(E, eps=config.layer_norm_epsilon)
         self.transformer = t
@@ -154,7 +167,7 @@ class VariantLM(SafetensorsLM, nn.Module):
     def _init(self, cfg: VariantConfig) -> None:
         std = cfg.initializer_range
         for name, p in self.named_parameters():
-            if p.dim() >= 2 and "pos." not in name:
+            if p.dim() >= 2 and "pos." not in name and "linformer." not in name:  # those start as they are built
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else std)
 
     def describe(self) -> str:
@@ -165,7 +178,17 @@ class VariantLM(SafetensorsLM, nn.Module):
         """Runs on more tokens than it was trained on (no absolute position table)."""
         return not POSITIONS[self.config.variant.pos].absolute
 
-    def forward(self, input_ids, labels=None):
+    def training_inputs(self, xy: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        """The trainer's windows [B, T+1] as this variant trains on them, with forward's extra
+        arguments. Duo-predict: sequence i of step s reads right to left when i + s is odd (the
+        window reversed, so next-token targets become previous tokens), so directions alternate
+        within a batch and, for a batch of one, from step to step."""
+        if not self.config.variant.duo_predict:
+            return xy, {}
+        back = (torch.arange(xy.shape[0], device=xy.device) + step) % 2 == 1
+        return torch.where(back[:, None], xy.flip(1), xy), {"reverse": back}
+
+    def forward(self, input_ids, labels=None, reverse=None):
         t = self.transformer
         T = input_ids.shape[1]
         if T > self.config.n_positions and not self.extrapolates:
@@ -174,8 +197,16 @@ class VariantLM(SafetensorsLM, nn.Module):
         x = t.wte(input_ids)
         if hasattr(t, "wpe"):
             x = x + t.wpe(torch.arange(T, device=input_ids.device))
+        if hasattr(t, "wde"):
+            rows = torch.zeros(input_ids.shape[0], dtype=torch.long, device=x.device) if reverse is None \
+                else reverse.long()
+            x = x + t.wde(rows)[:, None, :]
+        sigma = self.config.variant.diffusion_sigma
         for block in t.h:
             x = block(x)
+            if sigma and self.training:  # diffusion over unit depth-time: each of L steps adds variance sigma^2/L
+                rms = x.detach().pow(2).mean(-1, keepdim=True).sqrt()
+                x = x + (sigma / math.sqrt(len(t.h))) * rms * torch.randn_like(x)
         x = t.ln_f(x)
         head = t.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return SimpleNamespace(logits=x @ head.T)

@@ -2,8 +2,11 @@
 (if any) computes it exactly.
 
 A variant is one GPT-2 block structure (fused [Q|K|V] with contiguous heads, LayerNorm with bias,
-tanh GELU) with a position scheme from `POSITIONS` and, optionally, parallel attention + MLP
-from one LayerNorm. The llama.cpp facts (vendored llama.cpp 0c1e570, src/models/*.cpp):
+tanh GELU) with a position scheme from `POSITIONS`, an attention from `ATTENTIONS` and, optionally,
+parallel attention + MLP from one LayerNorm, duo-predict training (sequences read left to right
+and right to left in alternation, a learned direction embedding saying which) and drift-diffusion
+training (the residual stream as an Euler-Maruyama path: each block is the drift of one step,
+Gaussian noise the diffusion, in training only). The llama.cpp facts (vendored llama.cpp 0c1e570, src/models/*.cpp):
 - gpt2: learned absolute positions (`position_embd`); a fixed sinusoid table is the same graph.
 - gptneox: RoPE in NEOX pairing (dimension i with i + n_rot/2) on the first n_rot dimensions of
   each head, `use_parallel_residual` for x + attn(ln1 x) + mlp(ln2 x); no position table;
@@ -57,12 +60,33 @@ _register(Position("rotating", "RoPE whose frequencies differ per head (head h s
                    "llama.cpp's rope applies one frequency set to every head", rotary=True))
 
 @dataclass(frozen=True)
+class Attention:
+    name: str
+    summary: str
+    why_not: str = ""  # when llama.cpp cannot run it: the reason, one clause
+
+
+ATTENTIONS: dict[str, Attention] = {}
+for _a in (Attention("full", "softmax attention over every earlier token (GPT-2)"),
+           Attention("linformer", "causal Linformer: each earlier block of --linformer-block keys and values is "
+                     "projected to --linformer-k learned mixtures; the query's own block is attended exactly",
+                     "Linformer's learned sequence projections of keys and values have no ggml graph")):
+    ATTENTIONS[_a.name] = _a
+DISTANCE_BIASED = ("alibi", "kerple", "fire")  # positions that are an attention bias of query-key distance
+
+
+@dataclass(frozen=True)
 class VariantSpec:
     pos: str = "learned"
     rope_fraction: float = 1.0
     rope_base: float = 10000.0
     parallel: bool = False
     alibi_max_bias: float = 8.0
+    attention: str = "full"
+    linformer_block: int = 32
+    linformer_k: int = 8
+    duo_predict: bool = False
+    diffusion_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         if self.pos not in POSITIONS:
@@ -77,11 +101,30 @@ class VariantSpec:
             raise InputError(f"--rope-base {self.rope_base}: expected a value above 1")
         if self.alibi_max_bias <= 0:
             raise InputError(f"alibi_max_bias {self.alibi_max_bias}: expected a positive value")
+        if self.attention not in ATTENTIONS:
+            raise InputError(f"attention {self.attention!r} is not known to this version; known: {', '.join(ATTENTIONS)}")
+        if self.attention != "linformer" and (self.linformer_block != 32 or self.linformer_k != 8):
+            raise InputError(f"--linformer-block / --linformer-k apply to --attention linformer, not {self.attention}")
+        if self.attention == "linformer":
+            for name, v in (("--linformer-block", self.linformer_block), ("--linformer-k", self.linformer_k)):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise InputError(f"{name} {v!r}: expected a positive integer")
+            if not self.linformer_k < self.linformer_block:
+                raise InputError(f"--linformer-k {self.linformer_k} must be below --linformer-block "
+                                 f"{self.linformer_block} (k mixtures summarise each block of that many keys)")
+            if self.pos in DISTANCE_BIASED:
+                raise InputError(f"--attention linformer with --pos {self.pos}: a compressed key mixes positions, "
+                                 f"so a bias of query-key distance has no meaning for it; use --pos "
+                                 + "|".join(p for p in POSITIONS if p not in DISTANCE_BIASED))
+        if not isinstance(self.diffusion_sigma, (int, float)) or isinstance(self.diffusion_sigma, bool) \
+                or not 0.0 <= self.diffusion_sigma <= 10.0:
+            raise InputError(f"--drift-diffusion {self.diffusion_sigma!r}: expected a noise scale in [0, 10]")
 
     @property
     def is_plain_gpt2(self) -> bool:
         """Exactly transformers' GPT-2 (trained and saved as GPT2LMHeadModel)."""
-        return self.pos == "learned" and not self.parallel
+        return (self.pos == "learned" and not self.parallel and self.attention == "full" and not self.duo_predict
+                and self.diffusion_sigma == 0.0)
 
     def rotary_dims(self, head_dim: int) -> int:
         """Dimensions of each head that rotate: the fraction of head_dim, rounded down to even."""
@@ -97,6 +140,12 @@ class VariantSpec:
             parts.append(f"rope_fraction={self.rope_fraction:g}")
         if self.parallel:
             parts.append("parallel")
+        if self.attention != "full":
+            parts.append(f"attention={self.attention}(block {self.linformer_block}, k {self.linformer_k})")
+        if self.duo_predict:
+            parts.append("duo-predict")
+        if self.diffusion_sigma:
+            parts.append(f"drift-diffusion sigma={self.diffusion_sigma:g}")
         return ", ".join(parts)
 
     def to_json(self) -> dict:
@@ -126,6 +175,12 @@ def llama_target(spec: VariantSpec) -> tuple[str | None, str]:
     p = POSITIONS[spec.pos]
     if p.llama_arch is None:
         return None, p.why_not
+    if spec.attention != "full":
+        return None, ATTENTIONS[spec.attention].why_not
+    if spec.duo_predict:
+        return None, ("duo-predict's direction embedding (its left-to-right row added to every input) is in no "
+                      "llama.cpp graph")
+    # drift-diffusion: the noise is training-only, so the file is the drift path, GPT-2's own graph
     if spec.parallel:
         if p.llama_arch == "gptneox":
             return "gptneox", ""
