@@ -9,7 +9,8 @@ Writes DIR/progression.{json,md,png}.
 --stage matched: every model trained here on the same training books with the same token budget
 (--budget) and window (--train-ctx): unigram and modified-KN 5-gram (on the budget's tokens and on
 all of them), Bengio FFNN, Elman RNN, LSTM (`gpt2cube baseline neural`), and the GPT-2 variants of
-`gpt2cube train --pos ... [--parallel]` at one shape (--shape LxExH), non-embedding parameters
+`gpt2cube train --pos ... [--parallel] [--attention linformer] [--duo-predict] [--drift-diffusion S]`
+at one shape (--shape LxExH), non-embedding parameters
 matched within about 20 %. Held-out PPL with its standard error (PyTorch, the same windows for
 every row; plus llama.cpp on the f16 file where the variant converts), parameters, training
 tokens/s, HellaSwag (seeded validation subset), and a length-extrapolation table: PPL at 1x, 2x
@@ -19,7 +20,7 @@ skips rows already saved there (--redo measures them again), so the table can be
 runs of one or a few --rows each; the table DIR/matched.{json,md,png} is written from every saved
 row, in the order of MATCHED_ROWS. Each row is what this command runs:
 
-    gpt2cube train --corpus BOOKS --holdout ... --pos P [--parallel] --n-layer L --n-embd E --n-head H \
+    gpt2cube train --corpus BOOKS --holdout ... --pos P [--parallel] [...] --n-layer L --n-embd E --n-head H \
         --ctx C --tokens B --batch-size 8 --lr 2e-3 --warmup-steps 50
     gpt2cube baseline neural --model ffnn|rnn|lstm --train BOOKS --exclude ... --tokens B --ctx C ...
 
@@ -147,6 +148,9 @@ MATCHED_ROWS: dict[str, tuple] = {
     "GPT-2 KERPLE": ("gpt", {"pos": "kerple"}),
     "GPT-2 FIRE": ("gpt", {"pos": "fire"}),
     "GPT-2 head-rotating RoPE": ("gpt", {"pos": "rotating"}),
+    "GPT-2 causal Linformer (block 32, k 8)": ("gpt", {"attention": "linformer", "linformer_block": 32, "linformer_k": 8}),
+    "GPT-2 duo-predict": ("gpt", {"duo_predict": True}),
+    "GPT-2 drift-diffusion (sigma 0.1)": ("gpt", {"diffusion_sigma": 0.1}),
 }
 
 
