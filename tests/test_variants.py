@@ -474,6 +474,22 @@ def test_sinusoidal_file_is_bound_to_its_positions(tmp_path):
         llama_perplexity(gguf, "word " * 400, 64)
 
 
+def test_sinusoid_amplitude_and_a_stored_table_wins(tmp_path):
+    """New models' tables have the embeddings' init std as amplitude (per-dimension RMS a / sqrt 2);
+    a checkpoint keeps the table it was saved with (an older unit-amplitude one loads as it was)."""
+    from safetensors.torch import load_file, save_file
+
+    src, model = make_random_variant(tmp_path / "s", VariantSpec(pos="sinusoidal"), n_embd=64, n_head=2,
+                                     n_positions=32, init_std=0.02)
+    table = model.transformer.wpe.weight
+    assert float(table.pow(2).mean().sqrt()) == pytest.approx(0.02 / 2 ** 0.5, rel=1e-3)
+    assert float(table[5, 0]) == pytest.approx(0.02 * np.sin(5.0), rel=1e-5)
+    weights = load_file(str(src / "model.safetensors"))
+    weights["transformer.wpe.weight"] = weights["transformer.wpe.weight"] / 0.02
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    torch.testing.assert_close(load_hf_model(src).transformer.wpe.weight, table / 0.02)
+
+
 def test_hellaswag_in_pytorch_matches_llama_cpp(variant_files, tmp_path):
     from gpt2cube.eval.hellaswag import evaluate_hellaswag
 

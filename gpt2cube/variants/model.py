@@ -154,7 +154,11 @@ class VariantLM(SafetensorsLM, nn.Module):
         if config.variant.pos == "learned":
             t.wpe = nn.Embedding(config.n_positions, E)
         elif config.variant.pos == "sinusoidal":
-            t.wpe = FixedTable(sinusoid_table(config.n_positions, E))
+            # amplitude = the embeddings' init std: table : embedding RMS per dimension is 1 : sqrt 2, as in
+            # Vaswani et al. (unit table, embeddings of std d^-1/2 scaled by sqrt d). A unit table on GPT-2's
+            # 0.02-std embeddings swamps them (3.2x the PPL of learned positions in the matched run).
+            # Checkpoints store their table, so files made with another amplitude load as they were.
+            t.wpe = FixedTable(sinusoid_table(config.n_positions, E, config.initializer_range))
         if config.variant.duo_predict:  # row 0: reading left to right (inference), row 1: right to left
             t.wde = nn.Embedding(2, E)
         t.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))

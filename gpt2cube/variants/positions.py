@@ -120,11 +120,11 @@ class Rotary(PositionModule):
         return _rotate_neox(q, cos, sin, self.n_rot), _rotate_neox(k, cos, sin, self.n_rot)
 
 
-def sinusoid_table(n_positions: int, n_embd: int) -> torch.Tensor:
-    """PE[p, 2i] = sin(p / 10000^(2i/E)), PE[p, 2i+1] = cos(p / 10000^(2i/E))."""
+def sinusoid_table(n_positions: int, n_embd: int, amplitude: float = 1.0) -> torch.Tensor:
+    """PE[p, 2i] = a sin(p / 10000^(2i/E)), PE[p, 2i+1] = a cos(p / 10000^(2i/E))."""
     p = torch.arange(n_positions, dtype=torch.float64)[:, None]
     inv = 10000.0 ** (-torch.arange(0, n_embd, 2, dtype=torch.float64) / n_embd)
     table = torch.zeros(n_positions, n_embd, dtype=torch.float64)
     table[:, 0::2] = torch.sin(p * inv)
     table[:, 1::2] = torch.cos(p * inv)[:, : n_embd // 2]
-    return table.float()
+    return (amplitude * table).float()

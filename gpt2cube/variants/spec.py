@@ -46,7 +46,8 @@ def _register(p: Position) -> None:
 
 
 _register(Position("learned", "learned absolute position embeddings (GPT-2)", "gpt2", absolute=True))
-_register(Position("sinusoidal", "fixed sinusoid table added to the embeddings (Vaswani et al.)", "gpt2",
+_register(Position("sinusoidal", "fixed sinusoid table added to the embeddings, amplitude the embeddings' init std "
+                   "(Vaswani et al.'s ratio)", "gpt2",
                    absolute=True))
 _register(Position("rope", "rotary embeddings on the first --rope-fraction of each head, NEOX pairing", "gptneox",
                    rotary=True))
