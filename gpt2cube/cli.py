@@ -464,7 +464,7 @@ def build() -> None:
 @click.option("--duo-predict", is_flag=True, help="Train reading left to right and right to left in alternation "
               "(the window reversed for every other sequence), a learned direction embedding saying which; "
               "evaluated and generated left to right (PyTorch only).")
-@click.option("--drift-diffusion", "diffusion_sigma", type=float, default=0.0, show_default=True,
+@click.option("--drift-diffusion", "diffusion_sigma", type=float, default=0.0, show_default=True, metavar="SIGMA",
               help="Train the residual stream as a drift-diffusion path: after each of the L blocks add Gaussian "
                    "noise of std SIGMA * rms(x) / sqrt(L) (training only; the file is the drift path, which "
                    "converts as its --pos does). 0: off.")
