@@ -2,7 +2,7 @@
 converted GGUF run by llama.cpp.
 
     python benchmarks/recovery.py [--workdir DIR] [--reference models/reference]
-        [--lm-tokens 2000000] [--q4k-tokens 500000] [--spam-tokens 300000] [--max-windows 40]
+        [--lm-tokens 2000000] [--q4k-tokens 500000] [--spam-tokens N] [--max-windows 40]
         [--hellaswag-limit 200] [--spam-limit N] [--sweep-tokens 122880] [--sweep 5e-4:0 5e-4:20 1e-3:0]
         [--no-sweep] [--distill-weight 0] [--threads 2] [--only TEXT ...] [--speed-only]
 
@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--q4k-tokens", type=int, default=500_000)
     ap.add_argument("--distill-weight", type=float, default=0.0,
                     help="LM QAT with KL distillation from the reference (0: cross-entropy only)")
-    ap.add_argument("--spam-tokens", type=int, default=300_000)
+    ap.add_argument("--spam-tokens", type=int, default=None, help="spam fine-tunes' tokens [default: finetune's own]")
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--hellaswag-limit", type=int, default=200)
     ap.add_argument("--spam-limit", type=int, default=None)
@@ -149,6 +149,7 @@ def main() -> None:
 
     from gpt2cube.converter import convert
     from gpt2cube.converter.plan import Recipe
+    from gpt2cube.finetune.loop import TASK_DEFAULTS
 
     torch.set_num_threads(args.threads)
     wd = args.workdir
@@ -241,7 +242,7 @@ def main() -> None:
             "spam": "deduplicated; stratified test split and balanced test split; model answering (label "
             "likelihood: threshold fitted on 300 training messages, and the answer itself, threshold 0)",
             "hellaswag": f"validation split, seeded subset of {args.hellaswag_limit}", "threads": args.threads,
-            "lm_tokens": args.lm_tokens, "q4k_tokens": args.q4k_tokens, "spam_tokens": args.spam_tokens,
+            "lm_tokens": args.lm_tokens, "q4k_tokens": args.q4k_tokens, "spam_tokens": args.spam_tokens or TASK_DEFAULTS["spam"]["tokens"],
             "distill_weight": args.distill_weight,
             "speed": f"tg64 after a 128-token prompt, median of {args.repeats}, every file back to back at the end"}
     write_report(wd, meta, rows, sweep)

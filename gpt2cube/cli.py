@@ -554,14 +554,15 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
 @click.option("--distill-weight", type=float, default=0.5, show_default=True,
               help="Share of the distillation loss: (1 - w) * CE + w * KL.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature.")
-@click.option("--tokens", type=int, default=None, help="Fine-tuning tokens [default: lm 2,000,000; spam 300,000].")
+@click.option("--tokens", type=int, default=None, help="Fine-tuning tokens [default: lm 2,000,000; spam 900,000].")
 @click.option("--batch-size", type=int, default=None, help="[default: lm 8 windows; spam 16 messages].")
 @click.option("--ctx", type=int, default=None, help="lm window [default: min(512, the model's positions)].")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [default: 5e-4].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate [default: lm 5e-4; spam 1e-3].")
 @click.option("--warmup-steps", type=int, default=None, help="Learning-rate warm-up steps [default: 20].")
 @click.option("--weight-decay", type=float, default=0.0, show_default=True)
-@click.option("--dropout", type=float, default=0.0, show_default=True,
-              help="Dropout while fine-tuning, in place of the checkpoint's rates (its config.json is kept).")
+@click.option("--dropout", type=float, default=None,
+              help="Dropout while fine-tuning, in place of the checkpoint's rates (its config.json is kept) "
+                   "[default: lm 0; spam 0.1].")
 @click.option("--eval-every", type=int, default=None, help="Steps between validations and checkpoints [default: 50].")
 @click.option("--seed", type=int, default=1234, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")

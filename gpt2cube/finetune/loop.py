@@ -38,8 +38,10 @@ TASKS = {"lm": "language modelling on --corpus (files named by --holdout validat
          "spam": "SMS spam as prompt + message -> label word on --data (the split's training part)"}
 # Recommended settings per task (what a run with only the required options uses).
 TASK_DEFAULTS = {
-    "lm": dict(tokens=2_000_000, batch_size=8, lr=5e-4, warmup_steps=20, eval_every=50, lm_weight=0.0),
-    "spam": dict(tokens=300_000, batch_size=16, lr=5e-4, warmup_steps=20, eval_every=50, lm_weight=0.5),
+    "lm": dict(tokens=2_000_000, batch_size=8, lr=5e-4, warmup_steps=20, eval_every=50, lm_weight=0.0, dropout=0.0),
+    # spam: 3 epochs-worth at twice the rate with dropout 0.1 lifted stratified test F1 (answering) from
+    # 0.930 (300k tokens, 5e-4, no dropout) to 0.952 on the f16 reference (README, Recovery)
+    "spam": dict(tokens=900_000, batch_size=16, lr=1e-3, warmup_steps=20, eval_every=50, lm_weight=0.5, dropout=0.1),
 }
 # settings that may change on --resume without changing what is trained
 RESUMABLE_CHANGES = {"stop_at", "device", "out"}
@@ -82,7 +84,7 @@ class FinetuneConfig:
     lr: float | None = None
     warmup_steps: int | None = None
     weight_decay: float = 0.0
-    dropout: float = 0.0           # replaces the checkpoint's dropout rates while fine-tuning (config kept)
+    dropout: float | None = None   # replaces the checkpoint's dropout rates while fine-tuning (config kept)
     eval_every: int | None = None
     seed: int = 1234
     device: str = "auto"
