@@ -2,11 +2,11 @@
 with a memory budget that holds one of them at a time, in two waves.
 
 Every request must finish (HTTP 200 and "data: [DONE]") or get a clear 429 / 503; the server's
-peak RSS is compared with its RSS at start plus the budget; the RSS after the second wave against
-the first shows whether anything accumulates.
+peak RSS is compared with its RSS at start plus the budget; the RSS after each wave (--waves)
+shows whether anything accumulates.
 
     python benchmarks/serve_load.py [--model models/reference] [--requests 50] [--max-tokens 32]
-                                    [--queue 8] [--workdir DIR] [--json-out FILE]
+                                    [--queue 8] [--waves 2] [--workdir DIR] [--json-out FILE]
 
 Needs httpx (pip install -e ".[test]"). Prints JSON and a table.
 """
@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=50)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--queue", type=int, default=8)
+    ap.add_argument("--waves", type=int, default=2, help="waves of --requests each; RSS is read after every one")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/gpt2cube-serve-load"))
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
@@ -125,10 +126,10 @@ def main() -> None:
                 time.sleep(0.2)
         start_rss = _rss_mb(proc.pid, "VmRSS")
         names = [f.stem for f in files]
-        w1, s1 = _wave(url, names, args.requests, args.max_tokens)
-        after1 = _rss_mb(proc.pid, "VmRSS")
-        w2, s2 = _wave(url, names, args.requests, args.max_tokens)
-        after2 = _rss_mb(proc.pid, "VmRSS")
+        rows = []
+        for i in range(max(1, args.waves)):
+            w, secs = _wave(url, names, args.requests, args.max_tokens)
+            rows.append({"wave": i + 1, **_summary(w, secs), "rss_after_mb": round(_rss_mb(proc.pid, "VmRSS"), 1)})
         peak = _rss_mb(proc.pid, "VmHWM")
         health = httpx.get(f"{url}/health").json()
     finally:
@@ -137,11 +138,9 @@ def main() -> None:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    rows = [{"wave": i + 1, **_summary(w, s)} for i, (w, s) in enumerate(((w1, s1), (w2, s2)))]
     meta = {"models": [str(f) for f in files], "estimates_mb": [round(e / 1e6, 1) for e in est],
             "budget_mb": round(budget_mb, 1), "queue_per_model": args.queue, "max_tokens": args.max_tokens,
-            "rss_start_mb": round(start_rss, 1), "rss_after_wave1_mb": round(after1, 1),
-            "rss_after_wave2_mb": round(after2, 1), "peak_rss_mb": round(peak, 1),
+            "rss_start_mb": round(start_rss, 1), "peak_rss_mb": round(peak, 1),
             "peak_over_start_plus_budget_mb": round(peak - start_rss - budget_mb, 1),
             "server_loads": health["loads"], "server_exit_code": proc.returncode, "cpu_count": os.cpu_count()}
     print_report(rows, meta, args.json_out)
