@@ -36,6 +36,7 @@ class Position:
     why_not: str = ""  # when llama_arch is None: the reason, one clause
     rotary: bool = False  # takes --rope-fraction / --rope-base
     absolute: bool = False  # a table added to the token embeddings (transformer.wpe.weight)
+    distance_bias: bool = False  # an attention bias of query-key distance
 
 
 POSITIONS: dict[str, Position] = {}
@@ -51,12 +52,14 @@ _register(Position("sinusoidal", "fixed sinusoid table added to the embeddings, 
                    absolute=True))
 _register(Position("rope", "rotary embeddings on the first --rope-fraction of each head, NEOX pairing", "gptneox",
                    rotary=True))
-_register(Position("alibi", "linear distance bias per head, ggml's slopes for max bias 8 (Press et al.)", "mpt"))
+_register(Position("alibi", "linear distance bias per head, ggml's slopes for max bias 8 (Press et al.)", "mpt",
+                   distance_bias=True))
 _register(Position("none", "no positional signal beyond the causal mask", "mpt"))
 _register(Position("kerple", "learned logarithmic distance bias per head, -r1 log(1 + r2 |i - j|) (KERPLE)", None,
-                   "KERPLE's learned log-distance bias has no ggml graph (ALiBi's bias is linear in distance)"))
+                   "KERPLE's learned log-distance bias has no ggml graph (ALiBi's bias is linear in distance)",
+                   distance_bias=True))
 _register(Position("fire", "learned MLP of progressively normalised log distance, per head (FIRE)", None,
-                   "FIRE's learned position MLP has no ggml graph"))
+                   "FIRE's learned position MLP has no ggml graph", distance_bias=True))
 _register(Position("rotating", "RoPE whose frequencies differ per head (head h scaled by 2^(-8h/H))", None,
                    "llama.cpp's rope applies one frequency set to every head", rotary=True))
 
@@ -73,7 +76,6 @@ for _a in (Attention("full", "softmax attention over every earlier token (GPT-2)
                      "projected to --linformer-k learned mixtures; the query's own block is attended exactly",
                      "Linformer's learned sequence projections of keys and values have no ggml graph")):
     ATTENTIONS[_a.name] = _a
-DISTANCE_BIASED = ("alibi", "kerple", "fire")  # positions that are an attention bias of query-key distance
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class VariantSpec:
             raise InputError(f"position scheme {self.pos!r} is not known to this version; "
                              f"known: {', '.join(POSITIONS)}")
         rotary = POSITIONS[self.pos].rotary
-        if not rotary and (self.rope_fraction != 1.0 or self.rope_base != 10000.0):
+        if not rotary and not self._defaults("rope_fraction", "rope_base"):
             raise InputError(f"--rope-fraction / --rope-base apply to rotary positions (rope, rotating), not --pos {self.pos}")
         if not 0.0 < self.rope_fraction <= 1.0:
             raise InputError(f"--rope-fraction {self.rope_fraction}: expected a fraction in (0, 1]")
@@ -104,7 +106,7 @@ class VariantSpec:
             raise InputError(f"alibi_max_bias {self.alibi_max_bias}: expected a positive value")
         if self.attention not in ATTENTIONS:
             raise InputError(f"attention {self.attention!r} is not known to this version; known: {', '.join(ATTENTIONS)}")
-        if self.attention != "linformer" and (self.linformer_block != 32 or self.linformer_k != 8):
+        if self.attention != "linformer" and not self._defaults("linformer_block", "linformer_k"):
             raise InputError(f"--linformer-block / --linformer-k apply to --attention linformer, not {self.attention}")
         if self.attention == "linformer":
             for name, v in (("--linformer-block", self.linformer_block), ("--linformer-k", self.linformer_k)):
@@ -113,13 +115,17 @@ class VariantSpec:
             if not self.linformer_k < self.linformer_block:
                 raise InputError(f"--linformer-k {self.linformer_k} must be below --linformer-block "
                                  f"{self.linformer_block} (k mixtures summarise each block of that many keys)")
-            if self.pos in DISTANCE_BIASED:
+            if POSITIONS[self.pos].distance_bias:
                 raise InputError(f"--attention linformer with --pos {self.pos}: a compressed key mixes positions, "
                                  f"so a bias of query-key distance has no meaning for it; use --pos "
-                                 + "|".join(p for p in POSITIONS if p not in DISTANCE_BIASED))
+                                 + "|".join(p.name for p in POSITIONS.values() if not p.distance_bias))
         if not isinstance(self.diffusion_sigma, (int, float)) or isinstance(self.diffusion_sigma, bool) \
                 or not 0.0 <= self.diffusion_sigma <= 10.0:
             raise InputError(f"--drift-diffusion {self.diffusion_sigma!r}: expected a noise scale in [0, 10]")
+
+    def _defaults(self, *names: str) -> bool:
+        """Whether these options keep their default values (options that belong to another choice)."""
+        return all(getattr(self, n) == self.__dataclass_fields__[n].default for n in names)
 
     @property
     def is_plain_gpt2(self) -> bool:
