@@ -105,9 +105,10 @@ struct g2c_engine {
     // the same key (a generation step after a generation step).
     struct graph_key {
         int n, radius, n_kv;
-        bool experts, all_logits;
+        bool experts, all_logits, vertices;
         bool operator==(const graph_key & o) const {
-            return n == o.n && radius == o.radius && n_kv == o.n_kv && experts == o.experts && all_logits == o.all_logits;
+            return n == o.n && radius == o.radius && n_kv == o.n_kv && experts == o.experts && all_logits == o.all_logits
+                && vertices == o.vertices;
         }
     };
     struct graph_io {
@@ -116,7 +117,7 @@ struct g2c_engine {
     };
     ggml_context * gctx = nullptr;
     ggml_cgraph * cached_gf = nullptr;
-    graph_key cached_key = {0, 0, 0, false, false};
+    graph_key cached_key = {0, 0, 0, false, false, false};
     graph_io cached_io;
     int n_builds = 0;                           // graphs built (a test checks the reuse)
     static constexpr int kKvPad = 256;          // KV length padded to this, as llama.cpp pads
@@ -316,7 +317,7 @@ struct g2c_engine {
                     ggml_context * c = ggml_init(p);
                     std::unique_ptr<ggml_context, void (*)(ggml_context *)> guard(c, ggml_free);
                     graph_io io;
-                    ggml_cgraph * gf = build(c, n, n, radius, experts, true, io);
+                    ggml_cgraph * gf = build(c, n, n, radius, experts, true, true, io);
                     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
                         ggml_tensor * node = ggml_graph_node(gf, i);
                         if (!ggml_backend_dev_supports_op(dev, node)) return node;
@@ -560,7 +561,11 @@ struct g2c_engine {
         return std::min(n_ctx, (n_past + n + kKvPad - 1) / kKvPad * kKvPad);
     }
 
-    ggml_cgraph * build(ggml_context * c, int n, int n_kv, int radius, bool experts, bool all_logits, graph_io & io) const {
+    // With only the last position's logits wanted (and no vertex ids read back) the last layer's
+    // FFN runs on that position alone, as llama.cpp's graph selects its output rows there: the
+    // other positions' K and V are already in the cache and nothing else reads their FFN output.
+    ggml_cgraph * build(ggml_context * c, int n, int n_kv, int radius, bool experts, bool all_logits, bool vertices,
+                        graph_io & io) const {
         const int E = n_embd, H = n_head, hd = E / H;
         ggml_cgraph * gf = ggml_new_graph_custom(c, graph_size, false);
         io.tokens = ggml_new_tensor_1d(c, GGML_TYPE_I32, n);
@@ -592,6 +597,8 @@ struct g2c_engine {
             o = ggml_cont_2d(c, o, E, n);
             o = ggml_add(c, ggml_mul_mat(c, L.wo, o), L.bo);
             ggml_tensor * ffn_inp = ggml_add(c, o, x);
+            if (il == n_layer - 1 && !all_logits && !vertices && n > 1)
+                ffn_inp = ggml_view_2d(c, ffn_inp, E, 1, ffn_inp->nb[1], (size_t) (n - 1) * ffn_inp->nb[1]);
             cur = norm(c, ffn_inp, L.ffn_norm, L.ffn_norm_b);
             if (routed) {
                 ggml_tensor * vx = nullptr;
@@ -604,7 +611,7 @@ struct g2c_engine {
             }
             x = ggml_add(c, cur, ffn_inp);
         }
-        if (!all_logits)  // only the last position's logits: the head is most of a small GPT-2's work
+        if (!all_logits && x->ne[1] > 1)  // only the last position's logits: the head is most of a small GPT-2's work
             x = ggml_view_2d(c, x, n_embd, 1, x->nb[1], (size_t) (n - 1) * x->nb[1]);
         x = norm(c, x, out_norm, out_norm_b);
         io.logits = ggml_mul_mat(c, output, x);                                              // [n_vocab, n or 1]
@@ -649,7 +656,7 @@ struct g2c_engine {
     void eval_batch(const int32_t * tokens, int u, int radius, bool experts, bool all_logits, float * logits,
                     int32_t * vertices, int stride) {
         const int n_kv = padded_kv(u);
-        const graph_key k = {u, radius, n_kv, experts, all_logits};
+        const graph_key k = {u, radius, n_kv, experts, all_logits, vertices != nullptr};
         if (!cached_gf || !(k == cached_key)) {
             if (gctx) ggml_free(gctx);
             cached_gf = nullptr;
@@ -657,7 +664,7 @@ struct g2c_engine {
             gctx = ggml_init(p);
             if (!gctx) throw error("cannot allocate the graph's context");
             cached_io = graph_io();
-            ggml_cgraph * gf = build(gctx, u, n_kv, radius, experts, all_logits, cached_io);
+            ggml_cgraph * gf = build(gctx, u, n_kv, radius, experts, all_logits, vertices != nullptr, cached_io);
             ggml_backend_sched_reset(sched);
             if (!ggml_backend_sched_alloc_graph(sched, gf)) throw error("cannot allocate the compute graph");
             cached_gf = gf;

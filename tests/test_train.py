@@ -98,3 +98,18 @@ def test_resume_with_other_shape_is_refused(corpus, tmp_path):
                                     "--holdout", "b.txt"])
     assert res.exit_code == 2
     assert "--resume: ctx = 64 but the checkpoint" in res.output
+
+
+@pytest.mark.parametrize("probes, expected", [({}, "fp32"), ({"_is_avx512_bf16_supported": True}, "bf16"),
+                                              ({"_is_amx_tile_supported": True}, "bf16")])
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch, probes, expected):
+    # torch emulates bf16 on CPUs without AVX512-BF16 / AMX (31x slower products on an AVX2 CPU)
+    import torch
+
+    from gpt2cube.train.trainer import pick_precision
+
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda v=probes.get(name, False): v, raising=False)
+    assert pick_precision("auto", "cpu") == expected
+    assert pick_precision("fp32", "cpu") == "fp32" and pick_precision("bf16", "cpu") == "bf16"
+    assert pick_precision("auto", "mps") == "fp32"
