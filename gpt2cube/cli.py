@@ -20,6 +20,9 @@ from .train.ngram import METHODS as NGRAM_METHODS
 from .train.trainer import PRESETS  # light: torch is imported only when training starts
 from .variants.spec import ATTENTIONS, NEURAL_KINDS, POSITIONS
 
+PRECISION_HELP = ("Compute precision: bf16 autocast (fp32 master weights) or fp32; auto = bf16 where it is native "
+                  "(CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32.")
+
 
 def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Map library exceptions to one clear line on stderr and the error's exit code."""
@@ -443,7 +446,7 @@ def build() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="Compute precision: bf16 autocast (fp32 master weights) or fp32; auto = bf16 where it is native (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32.")
+              help=PRECISION_HELP)
 @click.option("--stop-at", type=int, default=None,
               help="Stop (resumably) after this step; the learning-rate schedule still spans --tokens.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt exactly.")
@@ -568,7 +571,7 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | mps")
 @click.option("--threads", type=int, default=None, help="CPU threads for torch.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
-              help="bf16 autocast (fp32 master weights) or fp32; auto = bf16 where it is native (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32.")
+              help=PRECISION_HELP)
 @click.option("--stop-at", type=int, default=None, help="Stop (resumably) after this step.")
 @click.option("--resume", is_flag=True, help="Continue OUT exactly (same settings).")
 @click.option("--force", is_flag=True, help="Replace a checkpoint already in OUT.")
