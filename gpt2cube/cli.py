@@ -548,7 +548,8 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
 @click.option("--radius", type=int, default=None,
               help="With --routed: the ball radius trained for [default: the radius the file's router was fitted for].")
 @click.option("--freeze-embeddings/--train-embeddings", default=None,
-              help="Keep token/position embeddings fixed [default: frozen under --qat, trained otherwise].")
+              help="Keep token/position embeddings fixed [default: frozen under --qat with --task lm, "
+                   "trained otherwise (spam: fake-quantized every step, a better classifier)].")
 @click.option("--lm-weight", type=float, default=None,
               help="spam: share of next-token loss on the messages' own text, (1 - w) * label CE + w * LM CE "
                    "[default: 0.5; 0 trains the label alone].")

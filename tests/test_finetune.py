@@ -303,6 +303,28 @@ def test_spam_finetune_lowers_validation_loss(student, tmp_path):
     assert summary["split"]["name"] == "stratified" and summary["train_messages"] > 0
 
 
+@pytest.mark.parametrize("task, qat, flag, frozen", [
+    ("lm", "tq2_0", None, True), ("spam", "tq2_0", None, False), ("lm", None, None, False),
+    ("spam", "tq2_0", True, True), ("lm", "tq2_0", False, False),
+])
+def test_embeddings_default_per_task(task, qat, flag, frozen):
+    cfg = FinetuneConfig(src="s", out="o", task=task, qat=qat, freeze_embeddings=flag).resolved()
+    assert cfg.freeze_embeddings is frozen
+
+
+def test_spam_qat_trains_the_embeddings_by_default(student, tmp_path):
+    out = tmp_path / "spam-qat"
+    data = _spam_file(tmp_path / "sms.txt", 40)
+    res = CliRunner().invoke(main, ["finetune", str(student), "--out", str(out), "--task", "spam", "--data", str(data),
+                                    "--qat", "q8_0", "--tokens", "600", "--batch-size", "4", "--eval-every", "2",
+                                    "--precision", "fp32", "--quiet"])
+    assert res.exit_code == 0, res.output
+    before, after = load_hf_model(student), load_hf_model(out)
+    wte = "transformer.wte.weight"
+    assert not np.array_equal(before.state_dict()[wte].numpy(), after.state_dict()[wte].numpy())
+    assert json.loads((out / "finetune.json").read_text())["config"]["freeze_embeddings"] is False
+
+
 @pytest.mark.parametrize("args, message", [
     (["--task", "spam", "--data", "{bad}"], "sms.txt:2: expected 'ham' or 'spam'"),
     (["--task", "lm"], "--task lm needs --corpus"),
