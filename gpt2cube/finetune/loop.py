@@ -43,11 +43,11 @@ TASK_DEFAULTS = {
     # 0.930 (300k tokens, 5e-4, no dropout) to 0.952 on the f16 reference (README, Recovery)
     "spam": dict(tokens=900_000, batch_size=16, lr=1e-3, warmup_steps=20, eval_every=50, lm_weight=0.5, dropout=0.1),
 }
-# settings that may change on --resume without changing what is trained
 # whether --qat freezes the embeddings unless told: lm runs keep them at their quantized values; spam
 # trains them (fake-quantized every step): stratified test F1 answering 0.9375 against 0.9016 frozen,
 # tq2_0 with q8_0 embeddings, the spam defaults, same seed (README, Recovery)
 QAT_FREEZES_EMBEDDINGS = {"lm": True, "spam": False}
+# settings that may change on --resume without changing what is trained
 RESUMABLE_CHANGES = {"stop_at", "device", "out"}
 # settings added after runs were recorded, with the value that reproduces what such runs did
 LEGACY_DEFAULTS = {"lm_weight": 0.0}
