@@ -58,8 +58,9 @@ def main() -> None:
                    "[default: q8_0 for ternary --type, else --type].")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
               help="TOML or JSON table of tensor-name glob -> type, applied last (last match wins).")
-@click.option("--ternary-scale", type=click.Choice(["tensor", "row"]), default="tensor", show_default=True,
-              help="BitNet absmean scale per tensor or per output row.")
+@click.option("--ternary-scale", type=click.Choice(["tensor", "row"]), default=None,
+              help="BitNet absmean scale per tensor or per output row [default: the rule a `finetune --qat` "
+                   "checkpoint was trained with (its finetune.json), else tensor].")
 @click.option("--strict", is_flag=True, help="Fail instead of falling back when a row does not fit a type.")
 @click.option("--hypercube-dim", type=int, default=None,
               help="Split each FFN into 2^D vertex groups, calibrate routers and store them as hypercube.* metadata.")
@@ -82,7 +83,7 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
 def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_file: Path | None,
-            ternary_scale: str, strict: bool, hypercube_dim: int | None, calib: Path | None, calib_tokens: int,
+            ternary_scale: str | None, strict: bool, hypercube_dim: int | None, calib: Path | None, calib_tokens: int,
             hypercube_from: Path | None, router: str, router_radius: int | None, concepts: Path | None, concept_layer: int | None, force: bool,
             quiet: bool, as_json: bool) -> None:
     """Convert the Hugging Face checkpoint directory SRC to a GGUF file.
@@ -90,9 +91,15 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
     Norms and biases always stay f32. Ternary types (tq1_0, tq2_0) apply BitNet b1.58 absmean
     ternarization first; sparsity per tensor is reported."""
     from .converter import convert as run_convert
-    from .converter.plan import Recipe, load_recipe_file
+    from .converter.plan import DEFAULT_TERNARY_SCALE, Recipe, load_recipe_file, recorded_ternary_scale
 
     patterns = load_recipe_file(recipe_file) if recipe_file else []
+    trained = recorded_ternary_scale(src) if src.is_dir() else None
+    if ternary_scale is None:
+        ternary_scale = trained or DEFAULT_TERNARY_SCALE
+    elif trained is not None and ternary_scale != trained:
+        _log(f"warning: {src} was quantization-aware trained with --ternary-scale {trained} (finetune.json); "
+             f"--ternary-scale {ternary_scale} stores other ternary values than it was trained on")
     recipe = Recipe(out_type, embed_type, patterns, ternary_scale, strict)
     cube = None
     if hypercube_from is not None:

@@ -169,6 +169,30 @@ def test_qat_run_converts_to_the_trained_weights(student, corpus, tmp_path, prom
     assert float(np.abs(got - ref).max() / ref.std()) < ACT_TOL
 
 
+def test_convert_uses_the_ternary_scale_qat_trained_with(student, corpus, tmp_path):
+    """A row-scale QAT checkpoint converted without --ternary-scale stores the values it was trained
+    on; an explicit other rule is obeyed with a warning; a broken record is one clear line."""
+    out = tmp_path / "qat-row"
+    finetune(_cfg(student, out, corpus, qat="tq2_0", ternary_scale="row", tokens=32 * 4 * 2), progress=False)
+    gguf = tmp_path / "row.gguf"
+    res = CliRunner().invoke(main, ["convert", str(out), "-o", str(gguf), "--type", "tq2_0", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "warning" not in res.stderr
+    _assert_file_holds_qat_values(out, gguf, Recipe(linear="tq2_0", ternary_scale="row"))
+    other = tmp_path / "tensor.gguf"
+    res = CliRunner().invoke(main, ["convert", str(out), "-o", str(other), "--type", "tq2_0", "--ternary-scale",
+                                    "tensor", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert "trained with --ternary-scale row" in res.stderr
+    _assert_file_holds_qat_values(out, other, Recipe(linear="tq2_0", ternary_scale="tensor"))
+    assert not np.array_equal(_gguf_weights(gguf)["blk.0.ffn_up.weight"], _gguf_weights(other)["blk.0.ffn_up.weight"])
+    (out / "finetune.json").write_text("{not json")
+    bad = tmp_path / "bad.gguf"
+    res = CliRunner().invoke(main, ["convert", str(out), "-o", str(bad), "--type", "tq2_0", "--quiet"])
+    assert res.exit_code != 0 and "finetune.json: cannot read the fine-tuning record" in res.output
+    assert not bad.exists()
+
+
 def test_resume_is_exact(student, corpus, tmp_path):
     import torch
 

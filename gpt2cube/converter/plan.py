@@ -114,3 +114,27 @@ def plan_types(specs: list[TensorSpec], recipe: Recipe | str) -> tuple[list[Plan
         for (want, got), names in fell_back.items()
     ]
     return planned, warnings
+
+
+TERNARY_SCALES = ("tensor", "row")
+DEFAULT_TERNARY_SCALE = "tensor"
+
+
+def recorded_ternary_scale(src: Path) -> str | None:
+    """The ternary scale rule a `finetune --qat` checkpoint was trained with (its finetune.json),
+    None when SRC holds no record of a ternary QAT. Converting with another rule would store
+    other values than the training forward pass used, losing what QAT recovered."""
+    path = Path(src) / "finetune.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")).get("config", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise InputError(f"{path}: cannot read the fine-tuning record ({e}); expected the JSON "
+                         "`gpt2cube finetune` writes") from None
+    qat, scale = config.get("qat"), config.get("ternary_scale", DEFAULT_TERNARY_SCALE)
+    if not isinstance(qat, str) or qat not in QUANT_TYPES or not get_quant_type(qat).is_ternary:
+        return None
+    if scale not in TERNARY_SCALES:
+        raise InputError(f"{path}: config.ternary_scale is {scale!r}; expected one of {', '.join(TERNARY_SCALES)}")
+    return scale
