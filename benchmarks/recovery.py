@@ -148,7 +148,7 @@ def main() -> None:
     import torch
 
     from gpt2cube.converter import convert
-    from gpt2cube.converter.plan import Recipe
+    from gpt2cube.converter.plan import DEFAULT_TERNARY_SCALE, Recipe, recorded_ternary_scale
     from gpt2cube.finetune.loop import TASK_DEFAULTS
 
     torch.set_num_threads(args.threads)
@@ -194,7 +194,8 @@ def main() -> None:
     def gguf_of(ckpt: Path, t: str, name: str) -> Path:
         f = wd / f"{name}.gguf"
         e = embed["tq2_0" if t.startswith("tq") else t]
-        convert(ckpt, f, Recipe(linear=t, embed=e), force=True, progress=False, log=lambda m: None)
+        scale = recorded_ternary_scale(ckpt) or DEFAULT_TERNARY_SCALE  # as `gpt2cube convert` does
+        convert(ckpt, f, Recipe(linear=t, embed=e, ternary_scale=scale), force=True, progress=False, log=lambda m: None)
         return f
 
     lm_stage = "QAT (LM" + (" + distillation)" if args.distill_weight > 0 else ")")
