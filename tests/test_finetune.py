@@ -190,6 +190,9 @@ def test_convert_uses_the_ternary_scale_qat_trained_with(student, corpus, tmp_pa
     bad = tmp_path / "bad.gguf"
     res = CliRunner().invoke(main, ["convert", str(out), "-o", str(bad), "--type", "tq2_0", "--quiet"])
     assert res.exit_code != 0 and "finetune.json: cannot read the fine-tuning record" in res.output
+    (out / "finetune.json").write_text('{"config": [1]}')
+    res = CliRunner().invoke(main, ["convert", str(out), "-o", str(bad), "--type", "tq2_0", "--quiet"])
+    assert res.exit_code != 0 and "no 'config' object" in res.output
     assert not bad.exists()
 
 

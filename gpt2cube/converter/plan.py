@@ -127,14 +127,22 @@ def recorded_ternary_scale(src: Path) -> str | None:
     path = Path(src) / "finetune.json"
     if not path.is_file():
         return None
+    expected = "expected the JSON object `gpt2cube finetune` writes"
     try:
-        config = json.loads(path.read_text(encoding="utf-8")).get("config", {})
-    except (OSError, ValueError, AttributeError) as e:
-        raise InputError(f"{path}: cannot read the fine-tuning record ({e}); expected the JSON "
-                         "`gpt2cube finetune` writes") from None
-    qat, scale = config.get("qat"), config.get("ternary_scale", DEFAULT_TERNARY_SCALE)
-    if not isinstance(qat, str) or qat not in QUANT_TYPES or not get_quant_type(qat).is_ternary:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the fine-tuning record ({e}); {expected}") from None
+    config = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: no 'config' object in the fine-tuning record; {expected}")
+    if not config.get("qat"):
         return None
+    # the types QAT trained each tensor for (a recipe may make some ternary under another --qat)
+    types = record.get("qat_tensor_types")
+    types = list(types.values()) if isinstance(types, dict) else [config["qat"]]
+    if not any(t in QUANT_TYPES and get_quant_type(t).is_ternary for t in types if isinstance(t, str)):
+        return None
+    scale = config.get("ternary_scale", DEFAULT_TERNARY_SCALE)
     if scale not in TERNARY_SCALES:
         raise InputError(f"{path}: config.ternary_scale is {scale!r}; expected one of {', '.join(TERNARY_SCALES)}")
     return scale
