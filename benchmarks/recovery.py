@@ -148,7 +148,7 @@ def main() -> None:
     import torch
 
     from gpt2cube.converter import convert
-    from gpt2cube.converter.plan import DEFAULT_TERNARY_SCALE, Recipe, recorded_ternary_scale
+    from gpt2cube.converter.plan import Recipe, ternary_scale_for
     from gpt2cube.finetune.loop import TASK_DEFAULTS
 
     torch.set_num_threads(args.threads)
@@ -194,7 +194,7 @@ def main() -> None:
     def gguf_of(ckpt: Path, t: str, name: str) -> Path:
         f = wd / f"{name}.gguf"
         e = embed["tq2_0" if t.startswith("tq") else t]
-        scale = recorded_ternary_scale(ckpt) or DEFAULT_TERNARY_SCALE  # as `gpt2cube convert` does
+        scale = ternary_scale_for(ckpt, None, log)  # the rule QAT trained with, as `gpt2cube convert` takes
         convert(ckpt, f, Recipe(linear=t, embed=e, ternary_scale=scale), force=True, progress=False, log=lambda m: None)
         return f
 

@@ -16,6 +16,7 @@ from .eval.spam import SPLITS as SPAM_SPLITS
 from .finetune.loop import TASKS as FT_TASKS
 from .hypercube.calibrate import ROUTERS as HC_ROUTERS
 from .kernels import QUANT_TYPES
+from .kernels.ternary import SCALE_MODES as TERNARY_SCALES
 from .train.ngram import METHODS as NGRAM_METHODS
 from .train.trainer import PRESETS  # light: torch is imported only when training starts
 from .variants.spec import ATTENTIONS, NEURAL_KINDS, POSITIONS
@@ -58,7 +59,7 @@ def main() -> None:
                    "[default: q8_0 for ternary --type, else --type].")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
               help="TOML or JSON table of tensor-name glob -> type, applied last (last match wins).")
-@click.option("--ternary-scale", type=click.Choice(["tensor", "row"]), default=None,
+@click.option("--ternary-scale", type=click.Choice(TERNARY_SCALES), default=None,
               help="BitNet absmean scale per tensor or per output row [default: the rule a `finetune --qat` "
                    "checkpoint was trained with (its finetune.json), else tensor].")
 @click.option("--strict", is_flag=True, help="Fail instead of falling back when a row does not fit a type.")
@@ -91,16 +92,10 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
     Norms and biases always stay f32. Ternary types (tq1_0, tq2_0) apply BitNet b1.58 absmean
     ternarization first; sparsity per tensor is reported."""
     from .converter import convert as run_convert
-    from .converter.plan import DEFAULT_TERNARY_SCALE, Recipe, load_recipe_file, recorded_ternary_scale
+    from .converter.plan import Recipe, load_recipe_file, ternary_scale_for
 
     patterns = load_recipe_file(recipe_file) if recipe_file else []
-    trained = recorded_ternary_scale(src) if src.is_dir() else None
-    if ternary_scale is None:
-        ternary_scale = trained or DEFAULT_TERNARY_SCALE
-    elif trained is not None and ternary_scale != trained:
-        _log(f"warning: {src} was quantization-aware trained with --ternary-scale {trained} (finetune.json); "
-             f"--ternary-scale {ternary_scale} stores other ternary values than it was trained on")
-    recipe = Recipe(out_type, embed_type, patterns, ternary_scale, strict)
+    recipe = Recipe(out_type, embed_type, patterns, ternary_scale_for(src, ternary_scale, _log), strict)
     cube = None
     if hypercube_from is not None:
         from .hypercube.build import HypercubeOptions
@@ -543,7 +538,7 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
 @click.option("--embed-type", type=click.Choice(sorted(QUANT_TYPES)), default=None,
               help="As convert's --embed-type [default: q8_0 for ternary --qat, else --qat].")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None, help="As convert's --recipe.")
-@click.option("--ternary-scale", type=click.Choice(["tensor", "row"]), default="tensor", show_default=True,
+@click.option("--ternary-scale", type=click.Choice(TERNARY_SCALES), default="tensor", show_default=True,
               help="As convert's --ternary-scale.")
 @click.option("--strict", is_flag=True, help="As convert's --strict: no row-length fallbacks.")
 @click.option("--qat-warmup", type=int, default=0, show_default=True,

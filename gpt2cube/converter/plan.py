@@ -17,9 +17,11 @@ import fnmatch
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..errors import InputError
 from ..kernels import QUANT_TYPES, QuantType, get_quant_type
+from ..kernels.ternary import SCALE_MODES
 from .arch import TensorSpec
 
 EMBED_ROLES = ("token_embd", "position_embd", "output")
@@ -116,8 +118,19 @@ def plan_types(specs: list[TensorSpec], recipe: Recipe | str) -> tuple[list[Plan
     return planned, warnings
 
 
-TERNARY_SCALES = ("tensor", "row")
 DEFAULT_TERNARY_SCALE = "tensor"
+
+
+def ternary_scale_for(src: Path, requested: str | None, log: Callable[[str], None]) -> str:
+    """The ternary scale rule to convert SRC with: the one asked for, else the one a ternary QAT
+    trained it with, else the default; asking for another than QAT's is obeyed with a warning."""
+    trained = recorded_ternary_scale(src) if Path(src).is_dir() else None
+    if requested is None:
+        return trained or DEFAULT_TERNARY_SCALE
+    if trained is not None and requested != trained:
+        log(f"warning: {src} was quantization-aware trained with --ternary-scale {trained} (finetune.json); "
+            f"--ternary-scale {requested} stores other ternary values than it was trained on")
+    return requested
 
 
 def recorded_ternary_scale(src: Path) -> str | None:
@@ -143,6 +156,6 @@ def recorded_ternary_scale(src: Path) -> str | None:
     if not any(t in QUANT_TYPES and get_quant_type(t).is_ternary for t in types if isinstance(t, str)):
         return None
     scale = config.get("ternary_scale", DEFAULT_TERNARY_SCALE)
-    if scale not in TERNARY_SCALES:
-        raise InputError(f"{path}: config.ternary_scale is {scale!r}; expected one of {', '.join(TERNARY_SCALES)}")
+    if scale not in SCALE_MODES:
+        raise InputError(f"{path}: config.ternary_scale is {scale!r}; expected one of {', '.join(SCALE_MODES)}")
     return scale
