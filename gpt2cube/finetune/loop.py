@@ -1,4 +1,5 @@
-"""The fine-tuning loop: one loop for QAT, distillation and supervised task fine-tuning.
+"""Fine-tuning: QAT, distillation and supervised task fine-tuning as one job of gpt2cube.loop
+(one process or a torchrun job; `--batch-size` is the global batch).
 
 AdamW with linear warm-up then cosine decay to 10 % of the peak rate (train's schedule),
 gradient clipping at 1.0, bf16 autocast with fp32 master weights where `train` uses it. With
@@ -14,21 +15,20 @@ over the scored positions, the teacher a frozen full-precision GPT-2 with the sa
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
 from ..converter.plan import Recipe
 from ..errors import InputError
 from ..models import check_checkpoint_out, load_gpt2_checkpoint, save_checkpoint
 from ..tokenizers import hf_tokenizer
-from ..train.trainer import cosine_lr, pick_device, pick_precision, plot_loss
+from ..loop.core import Job, LoopConfig, check_launch, micro_batch, run
+from ..loop.schedule import pick_device, pick_precision
+from ..loop.world import agree, device_for, join, leave
 from .qat import QuantizedWeights
 from .routing import RoutingMask
 from .losses import HeadLoss
@@ -48,9 +48,9 @@ TASK_DEFAULTS = {
 # tq2_0 with q8_0 embeddings, the spam defaults, same seed (README, Recovery)
 QAT_FREEZES_EMBEDDINGS = {"lm": True, "spam": False}
 # settings that may change on --resume without changing what is trained
-RESUMABLE_CHANGES = {"stop_at", "device", "out"}
+RESUMABLE_CHANGES = {"stop_at", "device", "out", "micro_batch", "dist_timeout"}
 # settings added after runs were recorded, with the value that reproduces what such runs did
-LEGACY_DEFAULTS = {"lm_weight": 0.0}
+LEGACY_DEFAULTS = {"lm_weight": 0.0, "micro_batch": None, "fsdp": False, "dist_timeout": 600.0}
 
 
 def recorded_config(saved: dict) -> dict:
@@ -94,6 +94,9 @@ class FinetuneConfig:
     device: str = "auto"
     precision: str = "auto"
     stop_at: int | None = None
+    micro_batch: int | None = None  # items per forward on one process [default: batch_size / processes]
+    fsdp: bool = False              # under torchrun: shard parameters and optimizer state (FSDP2)
+    dist_timeout: float = 600.0     # seconds a collective waits for a peer before the job fails
 
     def resolved(self) -> "FinetuneConfig":
         """A copy with the task's recommended values filled in."""
@@ -158,12 +161,108 @@ def _check_teacher(teacher, student, path: Path, ctx: int) -> None:
                          f"student's training context {ctx}; expected at least {ctx}")
 
 
-def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, progress: bool = True,
-             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+def _objective(head: HeadLoss):
+    """The module the loop wraps: the student as its one submodule; the teacher stays outside it
+    (in `head`), so DDP and FSDP never wrap, broadcast or train it."""
     import torch
 
+    class FinetuneObjective(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = head.model
+
+        def forward(self, kind: str, b):
+            return {"loss": head.loss, "nll": head.nll, "logits": head.scored_logits}[kind](b)
+
+    return FinetuneObjective()
+
+
+class FinetuneJob(Job):
+    def __init__(self, cfg: FinetuneConfig, model, task, head: HeadLoss, qw, device: str, precision: str,
+                 src: Path, out: Path) -> None:
+        self.cfg, self.model, self.task, self.head, self.qw = cfg, model, task, head, qw
+        self.device, self.precision, self.src, self.out = device, precision, src, out
+        self.objective = _objective(head)
+        self.capacity = task.capacity
+        self.unit = "windows" if cfg.task == "lm" else "messages"
+
+    def draw(self, rng, n):
+        return self.task.draw(rng, n)
+
+    def loss(self, run, items, lo, hi, step):
+        return run("loss", self.task.micro(items, lo, hi))
+
+    def tokens(self, items):
+        return self.task.tokens(items)
+
+    def lam(self, step: int) -> float:
+        return 1.0 if self.cfg.qat_warmup == 0 else min(1.0, (step + 1) / self.cfg.qat_warmup)
+
+    def weights(self, step):
+        return self.qw.active(self.lam(step)) if self.qw else nullcontext()
+
+    def row(self, step):
+        return {"lambda": round(self.lam(step), 4)} if self.qw else {}
+
+    def validate(self, run):
+        import torch
+
+        self.model.eval()
+        try:  # at lam = 1: the values the converted file holds
+            with torch.no_grad(), (self.qw.active(1.0) if self.qw else nullcontext()):
+                return self.task.validate(lambda b: run("nll", b), lambda b: run("logits", b))
+        finally:
+            self.model.train()
+
+    def export(self, state, best):
+        model = self.model
+        if state is not None:  # sharded: a plain copy holding the full state dict
+            import torch
+
+            with torch.random.fork_rng(devices=[]):
+                model = type(self.model)(self.model.config)
+            model.load_state_dict(state)
+        _export(model, self.cfg, self.src, self.out, best, self.qw)
+
+
+def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, progress: bool = True,
+             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
+    """Fine-tune cfg.src; under torchrun, one rank of a data-parallel job (see gpt2cube.loop)."""
     cfg = cfg.resolved()
+    device = pick_device(cfg.device)
+    world = join(device, cfg.dist_timeout)
+    say = log if world.main else (lambda m: None)
+    try:
+        job, saved = agree(world, lambda: _setup(cfg, resume, force, world, device, say))
+        loop_cfg = LoopConfig(out=job.out, steps=max(1, int(cfg.tokens / job.task.tokens_per_batch)),
+                              batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                              weight_decay=cfg.weight_decay, eval_every=cfg.eval_every, seed=cfg.seed,
+                              record=asdict(cfg), micro_batch=cfg.micro_batch, stop_at=cfg.stop_at, fsdp=cfg.fsdp,
+                              validate_first=True, keep_best=True)
+        res = run(job, loop_cfg, world, job.device, saved, progress=progress)
+    finally:
+        leave(world)
+    best = res["best"]
+    summary = {"out": str(job.out), "device": job.device, "precision": job.precision, "steps": res["step"],
+               "planned_steps": loop_cfg.steps, "tokens": res["tokens"], "seconds": res["seconds"], "task": cfg.task,
+               "qat": cfg.qat, "world_size": world.size, "micro_batch": res["micro_batch"], **job.task.sizes,
+               "best": {k: v for k, v in best.items() if k != "select"}}
+    if job.qw or cfg.routed:
+        summary["convert"] = _convert_hint(cfg, job.out)
+    say(f"fine-tuned {res['step']} steps, {res['tokens']:,} tokens; best validation at step {best['step']}: "
+        + ", ".join(f"{k} {v}" for k, v in best.items() if k.startswith("val_")))
+    return summary
+
+
+def _setup(cfg: FinetuneConfig, resume: bool, force: bool, world, device: str, log) -> tuple[FinetuneJob, dict | None]:
+    """Everything checked and loaded before the first step, on every rank: (job, saved state)."""
+    import torch
+
     _check_numbers(cfg)
+    check_launch(cfg.fsdp, world)
+    if cfg.fsdp and cfg.qat:
+        raise InputError(f"--fsdp with --qat {cfg.qat}: the fake quantization needs each weight whole and FSDP2 "
+                         "holds it in shards; expected QAT without --fsdp (DDP: every process holds the model)")
     src, out = Path(cfg.src), Path(cfg.out)
     _check_output(src, out, resume, force)
     saved = None
@@ -176,7 +275,8 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
         if diff:
             k = diff[0]
             raise InputError(f"--resume: {k} = {new[k]!r} but the run in {out} was started with {old.get(k)!r}; "
-                             "resume with the same settings (only --stop-at and --device may change)")
+                             "resume with the same settings (only --stop-at, --device, --micro-batch and "
+                             "--dist-timeout may change)")
 
     model, arch = load_gpt2_checkpoint(src, "student")
     ctx = min(cfg.ctx or 512, model.config.n_positions)
@@ -198,7 +298,7 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
     recipe = Recipe(linear=cfg.qat, embed=cfg.embed_type, patterns=list(cfg.recipe), ternary_scale=cfg.ternary_scale,
                     strict=cfg.strict) if cfg.qat else None
 
-    device = pick_device(cfg.device)
+    device = device_for(world, device)
     precision = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     model.to(device).train()
@@ -217,90 +317,12 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
             log(f"warning: {w}")
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95))
-    rng = np.random.default_rng(cfg.seed)
-    step, seen, elapsed, best = 0, 0, 0.0, None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optim"])
-        rng.bit_generator.state = saved["rng"]
-        step, seen, elapsed, best = saved["step"], saved["tokens_seen"], saved["seconds"], saved["best"]
-        torch.set_rng_state(saved["torch_rng"])  # dropout, when the checkpoint's config has it
-        if saved.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["cuda_rng"])
-    steps = max(1, int(cfg.tokens / task.tokens_per_batch))
-
     head = HeadLoss(model, teacher, cfg.distill_weight if teacher is not None else 0.0, cfg.temperature, device,
                     precision == "bf16")
-
-    def validate() -> dict:
-        model.eval()
-        with torch.no_grad(), (qw.active(1.0) if qw else nullcontext()):
-            v = task.validate(head.nll, head.scored_logits)
-        model.train()
-        return v
-
-    def lam_at(s: int) -> float:
-        return 1.0 if cfg.qat_warmup == 0 else min(1.0, (s + 1) / cfg.qat_warmup)
-
-    out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "train_log.jsonl"
-    if saved is None:
-        log_path.unlink(missing_ok=True)
-        first = validate()  # the starting point: the model as converted (QAT) or as given
-        best = {"step": 0, "tokens": 0, **first}
-        _export(model, cfg, src, out, best, qw)
-        _append(log_path, {"step": 0, "tokens": 0, **{k: v for k, v in first.items() if k != "select"}})
-    from tqdm import tqdm
-
-    bar = tqdm(total=steps, initial=step, unit="step", file=sys.stderr, disable=not progress)
-    t0 = time.perf_counter()
-    end = min(steps, steps if cfg.stop_at is None else cfg.stop_at)
-    while step < end:
-        b = task.batch(rng)
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, cfg.lr, cfg.warmup_steps, steps)
-        lam = lam_at(step) if qw else None
-        opt.zero_grad(set_to_none=True)
-        with qw.active(lam) if qw else nullcontext():
-            loss = head.backward(b)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        step += 1
-        seen += b.tokens
-        secs = elapsed + time.perf_counter() - t0
-        row = {"step": step, "tokens": seen, "loss": round(loss, 4),
-               "lr": cosine_lr(step - 1, cfg.lr, cfg.warmup_steps, steps), "seconds": round(secs, 1)}
-        if lam is not None:
-            row["lambda"] = round(lam, 4)
-        if step % cfg.eval_every == 0 or step == end:
-            v = validate()
-            row.update({k: x for k, x in v.items() if k != "select"})
-            if v["select"] < best["select"]:
-                best = {"step": step, "tokens": seen, **v}
-                _export(model, cfg, src, out, best, qw)
-            _save_state(model, opt, rng, cfg, step, seen, secs, best, out)
-        _append(log_path, row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
-        bar.update(1)
-    bar.close()
-    plot_loss(log_path, out / "loss_curve.png")
-    summary = {"out": str(out), "device": device, "precision": precision, "steps": step, "planned_steps": steps,
-               "tokens": seen, "seconds": round(elapsed + time.perf_counter() - t0, 1), "task": cfg.task,
-               "qat": cfg.qat, **task.sizes, "best": {k: v for k, v in best.items() if k != "select"}}
-    if qw or cfg.routed:
-        summary["convert"] = _convert_hint(cfg, out)
-    log(f"fine-tuned {step} steps, {seen:,} tokens; best validation at step {best['step']}: "
-        + ", ".join(f"{k} {v}" for k, v in best.items() if k.startswith("val_")))
-    return summary
-
-
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    job = FinetuneJob(cfg, model, task, head, qw, device, precision, src, out)
+    micro_batch(LoopConfig(out=out, steps=1, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=0, weight_decay=0.0,
+                           eval_every=1, seed=cfg.seed, micro_batch=cfg.micro_batch), world, job)
+    return job, saved
 
 
 def _convert_hint(cfg: FinetuneConfig, out: Path) -> str:
@@ -319,17 +341,6 @@ def _convert_hint(cfg: FinetuneConfig, out: Path) -> str:
     if cfg.strict:
         parts.append("--strict")
     return " ".join(parts)
-
-
-def _save_state(model, opt, rng, cfg: FinetuneConfig, step: int, seen: int, secs: float, best: dict, out: Path) -> None:
-    import torch
-
-    tmp = out / "train_state.pt.tmp"
-    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "rng": rng.bit_generator.state,
-                "config": asdict(cfg), "step": step, "tokens_seen": seen, "seconds": secs, "best": best,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp)
-    os.replace(tmp, out / "train_state.pt")
 
 
 def _export(model, cfg: FinetuneConfig, src: Path, out: Path, best: dict, qw) -> None:

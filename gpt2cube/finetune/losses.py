@@ -41,16 +41,18 @@ class HeadLoss:
             h = model.transformer(b.ids.to(self.device)).last_hidden_state
         return h.reshape(-1, h.shape[-1])[b.scored.to(self.device)]
 
-    def _logits(self, model, h):
-        with self._autocast():
-            return model.lm_head(h).float()
+    def _logits(self, model, h, weight=None):
+        import torch.nn.functional as F
 
-    def _chunk_loss(self, h, th, targets, w):
+        with self._autocast():
+            return (model.lm_head(h) if weight is None else F.linear(h, weight)).float()
+
+    def _chunk_loss(self, h, weight, th, targets, w):
         """The chunk's share of the loss: its positions' weighted losses (w sums to 1 over the batch)."""
         import torch
         import torch.nn.functional as F
 
-        logits = self._logits(self.model, h)
+        logits = self._logits(self.model, h, weight)
         if th is None:
             return (F.cross_entropy(logits, targets, reduction="none") * w).sum()
         a, T = self.distill_weight, self.temperature
@@ -68,26 +70,26 @@ class HeadLoss:
         kl = F.cross_entropy(logits / T, pt, reduction="none") - entropy
         return (((1 - a) * ce + a * T * T * kl) * w).sum()
 
-    def backward(self, b) -> float:
-        """Loss of batch `b`, its gradients accumulated into the model's parameters."""
+    def loss(self, b):
+        """Loss of batch `b` as a scalar tensor with its graph: the blocks' forward once, the head
+        chunk by chunk (`_ChunkedHead`), so one backward (DDP's, FSDP's) follows one forward."""
         import torch
 
         h = self._hidden(self.model, b)
-        hd = h.detach().requires_grad_(True)
         th = None
         if self.teacher is not None and self.distill_weight > 0:
             with torch.no_grad():
                 th = self._hidden(self.teacher, b)
         targets = b.targets.to(self.device)
-        n, total = len(targets), 0.0
+        n = len(targets)
         w = (torch.full((n,), 1.0 / n) if b.weights is None else b.weights).to(self.device, torch.float32)
-        for i in range(0, n, self.chunk):
-            part = self._chunk_loss(hd[i : i + self.chunk], None if th is None else th[i : i + self.chunk],
-                                    targets[i : i + self.chunk], w[i : i + self.chunk])
-            part.backward()
-            total += float(part.detach())
-        h.backward(hd.grad.to(h.dtype))
-        return total
+        return _ChunkedHead.apply(h, self.model.lm_head.weight, self, th, targets, w)
+
+    def backward(self, b) -> float:
+        """Loss of batch `b`, its gradients accumulated into the model's parameters."""
+        loss = self.loss(b)
+        loss.backward()
+        return float(loss.detach())
 
     def nll(self, b) -> float:
         """Mean cross-entropy at the scored positions (no gradients)."""
@@ -107,3 +109,52 @@ class HeadLoss:
 
         with torch.no_grad():
             return self._logits(self.model, self._hidden(self.model, b))
+
+
+def _chunked_head():
+    import torch
+
+    class ChunkedHead(torch.autograd.Function):
+        """The head's loss over (N, E) hidden states, `chunk` positions at a time: the forward
+        computes each chunk's loss and its gradients (hidden states, head weight) at once and keeps
+        only the gradients; the backward scales them by the incoming gradient. Nothing of size
+        (N, V) outlives its chunk, and the head runs once."""
+
+        @staticmethod
+        def forward(ctx, h, weight, head, th, targets, w):
+            train_w = weight.requires_grad
+            gh = torch.zeros_like(h)
+            gw = torch.zeros_like(weight, dtype=torch.float32) if train_w else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            wd = weight.detach().requires_grad_(train_w)
+            with torch.enable_grad():
+                for i in range(0, len(targets), head.chunk):
+                    hc = h[i : i + head.chunk].detach().requires_grad_(True)
+                    part = head._chunk_loss(hc, wd, None if th is None else th[i : i + head.chunk],
+                                            targets[i : i + head.chunk], w[i : i + head.chunk])
+                    grads = torch.autograd.grad(part, [hc, wd] if train_w else [hc])
+                    gh[i : i + head.chunk] = grads[0]
+                    if train_w:
+                        gw += grads[1]
+                    total += part.detach()
+            ctx.save_for_backward(gh, *([gw] if train_w else []))
+            ctx.train_w = train_w
+            return total
+
+        @staticmethod
+        def backward(ctx, g):
+            gh, *rest = ctx.saved_tensors
+            gw = (rest[0] * g).to(rest[0].dtype) if ctx.train_w else None
+            return gh * g, gw, None, None, None, None
+
+    return ChunkedHead
+
+
+class _ChunkedHead:
+    _fn = None
+
+    @classmethod
+    def apply(cls, *args):
+        if cls._fn is None:
+            cls._fn = _chunked_head()
+        return cls._fn.apply(*args)

@@ -74,16 +74,33 @@ class LMTask:
         self.sizes = {"train_tokens": int(len(self.train)), "validation_tokens": int(len(self.val))}
         self.tokens_per_batch = batch_size * ctx
 
-    def _windows(self, toks: np.ndarray, starts: np.ndarray) -> Batch:
+    def _windows(self, toks: np.ndarray, starts: np.ndarray, whole: int | None = None) -> Batch:
+        """The windows at `starts`; weighed as a part of a batch of `whole` windows when given."""
         import torch
 
         idx = starts[:, None] + np.arange(self.ctx + 1)[None, :]
         xy = torch.from_numpy(toks[idx].astype(np.int64))
         n = xy.shape[0] * self.ctx
-        return Batch(xy[:, :-1], torch.arange(n), xy[:, 1:].reshape(-1), n)
+        weights = None if whole in (None, len(starts)) else torch.full((n,), 1.0 / (whole * self.ctx))
+        return Batch(xy[:, :-1], torch.arange(n), xy[:, 1:].reshape(-1), n, weights)
+
+    @property
+    def capacity(self) -> int:
+        return len(self.train) - self.ctx - 1
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """A global batch: n window starts."""
+        return rng.integers(0, len(self.train) - self.ctx - 1, size=n)
+
+    def micro(self, items: np.ndarray, lo: int, hi: int) -> Batch:
+        """items[lo:hi] as a part of the global batch `items` (weights summing to its share)."""
+        return self._windows(self.train, items[lo:hi], len(items))
+
+    def tokens(self, items: np.ndarray) -> int:
+        return len(items) * self.ctx
 
     def batch(self, rng: np.random.Generator) -> Batch:
-        return self._windows(self.train, rng.integers(0, len(self.train) - self.ctx - 1, size=self.batch_size))
+        return self.micro(self.draw(rng, self.batch_size), 0, self.batch_size)
 
     def validate(self, nll: NLL, scored_logits: ScoredLogits) -> dict:
         losses = [nll(self._windows(self.val, self.val_starts[i : i + self.batch_size]))
@@ -136,9 +153,15 @@ class SpamTask:
         self.sizes = {"train_messages": len(train), "validation_messages": len(val),
                       "deduplicated_messages": len(self.msgs), "split": self.split}
 
-    def _batch(self, idx: list[int], lm_weight: float = 0.0) -> Batch:
+    def _lm_positions(self, i: int) -> int:
+        return max(0, len(self.encoded[i]) - 1 - max(0, self.message_start[i] - 1))
+
+    def _batch(self, idx: list[int], lm_weight: float = 0.0, whole: list[int] | None = None) -> Batch:
+        """Messages `idx`; weighed as a part of the batch `whole` when given (its share of the loss)."""
         import torch
 
+        part = whole is not None and len(whole) != len(idx)
+        n_whole = len(whole) if part else len(idx)
         seqs = [self.encoded[i] for i in idx]
         T = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), T), GPT2_EOT_ID, dtype=torch.long)  # right padding: causal, never attended
@@ -148,18 +171,34 @@ class SpamTask:
         targets = [self.label_ids[self.msgs[i].label] for i in idx]
         tokens = sum(len(s) + 1 for s in seqs)
         if lm_weight <= 0:
-            return Batch(ids, torch.tensor(scored), torch.tensor(targets), tokens)
+            weights = torch.full((len(seqs),), 1.0 / n_whole) if part else None
+            return Batch(ids, torch.tensor(scored), torch.tensor(targets), tokens, weights)
         # next-token positions whose target is a message token: p predicts s[p + 1]
         lm_pos = [(r, p) for r, (i, s) in enumerate(zip(idx, seqs))
                   for p in range(max(0, self.message_start[i] - 1), len(s) - 1)]
-        weights = [(1 - lm_weight) / len(seqs)] * len(seqs) + [lm_weight / max(1, len(lm_pos))] * len(lm_pos)
+        n_lm = sum(self._lm_positions(i) for i in whole) if part else len(lm_pos)
+        weights = [(1 - lm_weight) / n_whole] * len(seqs) + [lm_weight / max(1, n_lm)] * len(lm_pos)
         scored += [r * T + p for r, p in lm_pos]
         targets += [seqs[r][p + 1] for r, p in lm_pos]
         return Batch(ids, torch.tensor(scored), torch.tensor(targets), tokens, torch.tensor(weights))
 
+    @property
+    def capacity(self) -> int:
+        return len(self.train_idx)
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """A global batch: n positions in the training part (drawn with replacement)."""
+        return rng.integers(0, len(self.train_idx), size=n)
+
+    def micro(self, items: np.ndarray, lo: int, hi: int) -> Batch:
+        whole = [self.train_idx[int(i)] for i in items]
+        return self._batch(whole[lo:hi], self.lm_weight, whole)
+
+    def tokens(self, items: np.ndarray) -> int:
+        return int(sum(len(self.encoded[self.train_idx[int(i)]]) + 1 for i in items))
+
     def batch(self, rng: np.random.Generator) -> Batch:
-        pick = rng.integers(0, len(self.train_idx), size=self.batch_size)
-        return self._batch([self.train_idx[int(i)] for i in pick], self.lm_weight)
+        return self.micro(self.draw(rng, self.batch_size), 0, self.batch_size)
 
     def validate(self, nll: NLL, scored_logits: ScoredLogits) -> dict:
         import torch.nn.functional as F
