@@ -33,10 +33,33 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except Gpt2cubeError as e:
-            click.echo(f"error: {e}", err=True)
+            if not getattr(e, "quiet", False):  # quiet: another rank of a torchrun job prints the line
+                click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
 
     return wrapper
+
+
+def _distributed_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """torchrun's options for `train` and `finetune` (see README, Training on several devices)."""
+    for opt in reversed([
+        click.option("--micro-batch", type=int, default=None,
+                     help="Items per forward on one process; gradient accumulation fills the global --batch-size "
+                          "[default: --batch-size / processes]."),
+        click.option("--fsdp", is_flag=True, help="Under torchrun: shard parameters, gradients and optimizer state "
+                     "over the processes (FSDP2) for models that do not fit one device; the checkpoint written is "
+                     "a plain full state dict."),
+        click.option("--dist-timeout", type=float, default=600.0, show_default=True,
+                     help="Under torchrun: seconds a collective waits for the other processes before the job fails."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _rank0() -> bool:
+    from .loop.world import current
+
+    return current().main
 
 
 def _log(msg: str) -> None:
@@ -438,7 +461,8 @@ def build() -> None:
 @click.option("--n-head", type=int, default=None)
 @click.option("--ctx", type=int, default=None, help="Context length (n_positions) and training window.")
 @click.option("--tokens", type=int, default=1_000_000, show_default=True, help="Training tokens in all.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="Windows per optimizer step, in all processes together (the global batch).")
 @click.option("--lr", type=float, default=1e-3, show_default=True, help="Peak learning rate.")
 @click.option("--warmup-steps", type=int, default=100, show_default=True)
 @click.option("--eval-every", type=int, default=100, show_default=True, help="Steps between held-out evaluations (and checkpoints).")
@@ -473,12 +497,14 @@ def build() -> None:
               help="Train the residual stream as a drift-diffusion path: after each of the L blocks add Gaussian "
                    "noise of std SIGMA * rms(x) / sqrt(L) (training only; the file is the drift path, which "
                    "converts as its --pos does). 0: off.")
+@_distributed_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @_fail_cleanly
 def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size, lr, warmup_steps, eval_every,
           holdout, seed, device, threads, precision, stop_at, resume, pos, rope_fraction, rope_base, parallel,
-          attention, linformer_block, linformer_k, duo_predict, diffusion_sigma, quiet, as_json) -> None:
+          attention, linformer_block, linformer_k, duo_predict, diffusion_sigma, micro_batch, fsdp, dist_timeout,
+          quiet, as_json) -> None:
     """Train a GPT-2 (or a variant: --pos, --parallel, --attention, --duo-predict, --drift-diffusion)
     from scratch and write a Hugging Face-style checkpoint. Plain GPT-2 is transformers'
     GPT2LMHeadModel; variants are gpt2cube's own torch model with GPT-2's tensor names, which
@@ -509,9 +535,11 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
         torch.set_num_threads(threads)
     cfg = TrainConfig(corpus=[str(c) for c in corpus], out=str(out), tokens=tokens, batch_size=batch_size, lr=lr,
                       warmup_steps=warmup_steps, eval_every=eval_every, holdout=[str(h) for h in holdout],
-                      seed=seed, device=device, precision=precision, stop_at=stop_at, variant=variant, **shape)
+                      seed=seed, device=device, precision=precision, stop_at=stop_at, variant=variant,
+                      micro_batch=micro_batch, fsdp=fsdp, dist_timeout=dist_timeout, **shape)
     summary = run_train(cfg, resume=resume, progress=not quiet, log=_log)
-    click.echo(json.dumps(summary, indent=2) if as_json else
+    if _rank0():
+        click.echo(json.dumps(summary, indent=2) if as_json else
                f"wrote {out}: {summary['step']} steps, {summary['tokens']:,} tokens, "
                f"held-out ppl {summary.get('val_ppl')}")
 
@@ -561,7 +589,8 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
               help="Share of the distillation loss: (1 - w) * CE + w * KL.")
 @click.option("--temperature", type=float, default=1.0, show_default=True, help="Distillation temperature.")
 @click.option("--tokens", type=int, default=None, help="Fine-tuning tokens [default: lm 2,000,000; spam 900,000].")
-@click.option("--batch-size", type=int, default=None, help="[default: lm 8 windows; spam 16 messages].")
+@click.option("--batch-size", type=int, default=None, help="Items per optimizer step, in all processes together (the global batch) "
+              "[default: lm 8 windows; spam 16 messages].")
 @click.option("--ctx", type=int, default=None, help="lm window [default: min(512, the model's positions)].")
 @click.option("--lr", type=float, default=None, help="Peak learning rate [default: lm 5e-4; spam 1e-3].")
 @click.option("--warmup-steps", type=int, default=None, help="Learning-rate warm-up steps [default: 20].")
@@ -578,13 +607,14 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
 @click.option("--stop-at", type=int, default=None, help="Stop (resumably) after this step.")
 @click.option("--resume", is_flag=True, help="Continue OUT exactly (same settings).")
 @click.option("--force", is_flag=True, help="Replace a checkpoint already in OUT.")
+@_distributed_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @_fail_cleanly
 def finetune(src, out, task, corpus, holdout, exclude, data, split_name, qat, embed_type, recipe_file, ternary_scale, strict,
              qat_warmup, routed, radius, freeze_embeddings, lm_weight, distill, distill_weight, temperature, tokens, batch_size, ctx, lr,
-             warmup_steps, weight_decay, dropout, eval_every, seed, device, threads, precision, stop_at, resume, force, quiet,
-             as_json) -> None:
+             warmup_steps, weight_decay, dropout, eval_every, seed, device, threads, precision, stop_at, resume, force,
+             micro_batch, fsdp, dist_timeout, quiet, as_json) -> None:
     """Fine-tune the GPT-2 checkpoint SRC: recover a compressed model's quality (QAT, distillation)
     or teach it a task, and write a checkpoint that `convert` takes.
 
@@ -609,8 +639,11 @@ def finetune(src, out, task, corpus, holdout, exclude, data, split_name, qat, em
                          distill=str(distill) if distill else None, distill_weight=distill_weight,
                          temperature=temperature, tokens=tokens, batch_size=batch_size, ctx=ctx, lr=lr,
                          warmup_steps=warmup_steps, weight_decay=weight_decay, dropout=dropout, eval_every=eval_every, seed=seed,
-                         device=device, precision=precision, stop_at=stop_at)
+                         device=device, precision=precision, stop_at=stop_at, micro_batch=micro_batch, fsdp=fsdp,
+                         dist_timeout=dist_timeout)
     summary = run_finetune(cfg, resume=resume, force=force, progress=not quiet, log=_log)
+    if not _rank0():
+        return
     best = summary["best"]
     click.echo(json.dumps(summary, indent=2) if as_json else
                f"wrote {out}: {summary['steps']} steps, {summary['tokens']:,} tokens; best at step {best['step']}: "
