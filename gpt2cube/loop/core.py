@@ -221,7 +221,29 @@ def _append(path: Path, row: dict) -> None:
 
 def run(job: Job, cfg: LoopConfig, world: World, device: str, saved: dict | None = None, *,
         progress: bool = True) -> dict:
-    """Train `job` for cfg.steps (or to cfg.stop_at); returns {step, tokens, seconds, best, last}."""
+    """Train `job` for cfg.steps (or to cfg.stop_at); returns {step, tokens, seconds, best, last}.
+    In a torchrun job, a failure on this rank is one line naming it (`RankFailed`)."""
+    with _terminable(world):
+        try:
+            return _run(job, cfg, world, device, saved, progress)
+        except _Terminated:
+            if world.main:
+                _tidy(cfg.out)
+            raise
+        except BaseException as e:
+            if world.main:
+                _tidy(cfg.out)
+            if not world.distributed or isinstance(e, (Gpt2cubeError, KeyboardInterrupt)):
+                raise
+            if comm_error(e):  # a peer died; torchrun's SIGTERM usually ends this rank first
+                time.sleep(3.0)
+                raise PeerFailed(f"rank {world.rank}: stopped: another rank of the job failed "
+                                 f"({str(e).splitlines()[0][:200]})") from None
+            cause = str(e).splitlines()[0] if str(e) else ""
+            raise RankFailed(f"rank {world.rank}: {type(e).__name__}: {cause}") from e
+
+
+def _run(job: Job, cfg: LoopConfig, world: World, device: str, saved: dict | None, progress: bool) -> dict:
     import torch
 
     m = micro_batch(cfg, world, job)
@@ -253,7 +275,7 @@ def run(job: Job, cfg: LoopConfig, world: World, device: str, saved: dict | None
         if len(ranks) == world.size and ranks[world.rank] is not None:
             torch.set_rng_state(ranks[world.rank])
             cuda = saved.get("cuda_rng_ranks") or [saved.get("cuda_rng")]
-            if cuda[world.rank] is not None and torch.cuda.is_available():
+            if len(cuda) == world.size and cuda[world.rank] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(cuda[world.rank])
 
     out = cfg.out
@@ -280,77 +302,61 @@ def run(job: Job, cfg: LoopConfig, world: World, device: str, saved: dict | None
                     **({"torch_rng_ranks": cpu, "cuda_rng_ranks": cuda} if world.size > 1 else {})}, tmp)
         tmp.replace(out / "train_state.pt")
 
-    with _terminable(world):
-        try:
-            if world.main:
-                out.mkdir(parents=True, exist_ok=True)
-                if saved is None:
-                    log_path.unlink(missing_ok=True)
-            if saved is None and cfg.validate_first:
-                first = validate()
-                best = {"step": 0, "tokens": 0, **first}
-                export(best)
-                if world.main:
-                    _append(log_path, {"step": 0, "tokens": 0, **{k: v for k, v in first.items() if k != "select"}})
-            from tqdm import tqdm
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if saved is None:
+            log_path.unlink(missing_ok=True)
+    if saved is None and cfg.validate_first:
+        first = validate()
+        best = {"step": 0, "tokens": 0, **first}
+        export(best)
+        if world.main:
+            _append(log_path, {"step": 0, "tokens": 0, **{k: v for k, v in first.items() if k != "select"}})
+    from tqdm import tqdm
 
-            end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
-            bar = tqdm(total=cfg.steps, initial=step, unit="step", file=sys.stderr,
-                       disable=not progress or not world.main)
-            t0 = time.perf_counter()
-            last: dict = {}
-            mine = world.rank * (cfg.batch_size // world.size)
-            while step < end:
-                items = job.draw(rng, cfg.batch_size)
-                lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                local = 0.0
-                with job.weights(step):
-                    for k in range(accum):
-                        lo = mine + k * m
-                        with _no_sync(accumulate, cfg, k == accum - 1):
-                            loss = job.loss(run_fwd, items, lo, lo + m, step)
-                            (loss * world.size).backward()  # DDP and FSDP average over the ranks
-                        local += float(loss.detach())
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                opt.step()
-                step += 1
-                seen += job.tokens(items)
-                secs = elapsed + time.perf_counter() - t0
-                last = {"step": step, "tokens": seen, "loss": round(all_sum(world, local), 4), "lr": lr}
-                if cfg.log_throughput:
-                    last["tokens_per_s"] = round(seen / secs, 1)
-                last["seconds"] = round(secs, 1)
-                last.update(job.row(step - 1))
-                if step % cfg.eval_every == 0 or step == end:
-                    v = validate()
-                    last.update({k: x for k, x in v.items() if k != "select"})
-                    if not cfg.keep_best or best is None or v["select"] < best["select"]:
-                        best = {"step": step, "tokens": seen, **v}
-                        export(best)
-                    save_state(step, secs)
-                if world.main:
-                    _append(log_path, last)
-                bar.set_postfix(loss=f"{last['loss']:.3f}")
-                bar.update(1)
-            bar.close()
-            if world.main:
-                plot_loss(log_path, out / "loss_curve.png")
-        except _Terminated:
-            if world.main:
-                _tidy(out)
-            raise
-        except BaseException as e:
-            if world.main:
-                _tidy(out)
-            if not world.distributed or isinstance(e, (Gpt2cubeError, KeyboardInterrupt)):
-                raise
-            if comm_error(e):  # a peer died; torchrun's SIGTERM usually ends this rank first
-                time.sleep(3.0)
-                raise PeerFailed(f"rank {world.rank}: stopped: another rank of the job failed "
-                                 f"({str(e).splitlines()[0][:200]})") from None
-            raise RankFailed(f"rank {world.rank}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    end = cfg.steps if cfg.stop_at is None else min(cfg.steps, cfg.stop_at)
+    bar = tqdm(total=cfg.steps, initial=step, unit="step", file=sys.stderr,
+               disable=not progress or not world.main)
+    t0 = time.perf_counter()
+    last: dict = {}
+    mine = world.rank * (cfg.batch_size // world.size)
+    while step < end:
+        items = job.draw(rng, cfg.batch_size)
+        lr = cosine_lr(step, cfg.lr, cfg.warmup_steps, cfg.steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        local = 0.0
+        with job.weights(step):
+            for k in range(accum):
+                lo = mine + k * m
+                with _no_sync(accumulate, cfg, k == accum - 1):
+                    loss = job.loss(run_fwd, items, lo, lo + m, step)
+                    (loss * world.size).backward()  # DDP and FSDP average over the ranks
+                local += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        step += 1
+        seen += job.tokens(items)
+        secs = elapsed + time.perf_counter() - t0
+        last = {"step": step, "tokens": seen, "loss": round(all_sum(world, local), 4), "lr": lr}
+        if cfg.log_throughput:
+            last["tokens_per_s"] = round(seen / secs, 1)
+        last["seconds"] = round(secs, 1)
+        last.update(job.row(step - 1))
+        if step % cfg.eval_every == 0 or step == end:
+            v = validate()
+            last.update({k: x for k, x in v.items() if k != "select"})
+            if not cfg.keep_best or best is None or v["select"] < best["select"]:
+                best = {"step": step, "tokens": seen, **v}
+                export(best)
+            save_state(step, secs)
+        if world.main:
+            _append(log_path, last)
+        bar.set_postfix(loss=f"{last['loss']:.3f}")
+        bar.update(1)
+    bar.close()
+    if world.main:
+        plot_loss(log_path, out / "loss_curve.png")
     return {"step": step, "tokens": seen, "seconds": round(elapsed + time.perf_counter() - t0, 1), "best": best,
             "last": last, "micro_batch": m, "accumulation": accum, "world_size": world.size}
