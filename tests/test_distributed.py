@@ -243,3 +243,24 @@ def test_resume_with_other_settings_is_refused_on_every_rank(data, tmp_path):
                            "--lr", "2e-3"), 2)
     _one_line_error(r, "--resume: lr = 0.002 but the run in")
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+def test_fsdp_finetune_with_a_teacher_equals_ddp(data, tmp_path):
+    extra = [data["corpus"] if a == "CORPUS" else a for a in LM] + ["--distill", data["student"]]
+    ddp, fsdp = tmp_path / "ddp", tmp_path / "fsdp"
+    _ok(_gpt2cube(_ft_args(data, ddp, *extra), 2))
+    _ok(_gpt2cube(_ft_args(data, fsdp, *extra, "--fsdp"), 2))
+    _same_run(ddp, fsdp, rel=1e-5, atol=1e-5)
+    # the exported checkpoint is a plain HF directory with the same tensors
+    from safetensors.numpy import load_file
+
+    a, b = load_file(ddp / "model.safetensors"), load_file(fsdp / "model.safetensors")
+    assert a.keys() == b.keys() and max(float(abs(a[k] - b[k]).max()) for k in a) <= 1e-5
+
+
+def test_fsdp_with_qat_is_refused(data, tmp_path):
+    out = tmp_path / "out"
+    extra = [data["corpus"] if a == "CORPUS" else a for a in LM]
+    r = _gpt2cube(_ft_args(data, out, *extra, "--qat", "tq2_0", "--fsdp"), 2)
+    _one_line_error(r, "--fsdp with --qat tq2_0")
+    assert not out.exists()

@@ -169,15 +169,19 @@ def _no_sync(run, cfg: LoopConfig, sync: bool):
             yield
 
 
-def _full_state(job: Job, opt, cfg: LoopConfig) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts, whole, on rank 0 (a collective under FSDP)."""
+def _full_state(job: Job, opt, cfg: LoopConfig) -> tuple[dict, dict | None]:
+    """(model, optimizer) state dicts, whole, on rank 0 (a collective under FSDP); with `opt`
+    None, the model's only. (torch's get_optimizer_state_dict of an optimizer that has not
+    stepped yet initialises its state with a zero-rate step, which would shift Adam's bias
+    correction by one step: the export before the first step must not ask for it.)"""
     if not cfg.fsdp:
-        return job.model.state_dict(), opt.state_dict()
+        return job.model.state_dict(), None if opt is None else opt.state_dict()
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict)
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(job.model, options=opts), get_optimizer_state_dict(job.model, opt, options=opts)
+    model = get_model_state_dict(job.model, options=opts)
+    return model, None if opt is None else get_optimizer_state_dict(job.model, opt, options=opts)
 
 
 def _rng_states(world: World) -> tuple[list, list | None]:
@@ -286,7 +290,7 @@ def _run(job: Job, cfg: LoopConfig, world: World, device: str, saved: dict | Non
         return from_main(world, job.validate(run_fwd))
 
     def export(best: dict) -> None:
-        state = _full_state(job, opt, cfg)[0] if cfg.fsdp else None
+        state = _full_state(job, None, cfg)[0] if cfg.fsdp else None
         if world.main:
             job.export(state, best)
 
