@@ -28,7 +28,7 @@ from ..models import check_checkpoint_out, load_gpt2_checkpoint, save_checkpoint
 from ..tokenizers import hf_tokenizer
 from ..loop.core import Job, LoopConfig, check_launch, micro_batch, run
 from ..loop.schedule import pick_device, pick_precision
-from ..loop.world import agree, device_for, join, leave
+from ..loop.world import agree, device_for, joined
 from .qat import QuantizedWeights
 from .routing import RoutingMask
 from .losses import HeadLoss
@@ -230,9 +230,8 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
     """Fine-tune cfg.src; under torchrun, one rank of a data-parallel job (see gpt2cube.loop)."""
     cfg = cfg.resolved()
     device = pick_device(cfg.device)
-    world = join(device, cfg.dist_timeout)
-    say = log if world.main else (lambda m: None)
-    try:
+    with joined(device, cfg.dist_timeout) as world:
+        say = log if world.main else (lambda m: None)
         job, saved = agree(world, lambda: _setup(cfg, resume, force, world, device, say))
         loop_cfg = LoopConfig(out=job.out, steps=max(1, int(cfg.tokens / job.task.tokens_per_batch)),
                               batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -240,8 +239,6 @@ def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, 
                               record=asdict(cfg), micro_batch=cfg.micro_batch, stop_at=cfg.stop_at, fsdp=cfg.fsdp,
                               validate_first=True, keep_best=True)
         res = run(job, loop_cfg, world, job.device, saved, progress=progress)
-    finally:
-        leave(world)
     best = res["best"]
     summary = {"out": str(job.out), "device": job.device, "precision": job.precision, "steps": res["step"],
                "planned_steps": loop_cfg.steps, "tokens": res["tokens"], "seconds": res["seconds"], "task": cfg.task,

@@ -14,6 +14,7 @@ agreed on; the rank that fails raises `RankFailed`, whose line names it, and tor
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -85,6 +86,19 @@ def join(device: str, timeout_s: float) -> World:
     return world
 
 
+@contextmanager
+def joined(device: str, timeout_s: float):
+    """`join` for the length of a with-block, then `leave`: together with the other ranks when the
+    block ended normally (a barrier first), at once when it raised (the peers may be gone)."""
+    world = join(device, timeout_s)
+    try:
+        yield world
+    except BaseException:
+        leave(world, together=False)
+        raise
+    leave(world)
+
+
 def agree(world: World, fn):
     """fn() on every rank; if it raises on any, every rank stops: rank 0 with the failing rank's
     line (the rank named when not all of them failed alike), the others quietly, all non-zero."""
@@ -149,12 +163,24 @@ def gather(world: World, obj) -> list:
     return every
 
 
-def leave(world: World) -> None:
-    if world.distributed:
-        import torch.distributed as dist
+def leave(world: World, together: bool = True) -> None:
+    """Destroy the process group. `together`: after a barrier, so that no rank tears its
+    connections down while rank 0 still writes its files or a peer is mid-collective, and after
+    collecting garbage, so that no wrapper (DDP's reducer) keeps the group alive into interpreter
+    shutdown: gloo's worker threads destroyed there abort the process ("terminate called without
+    an active exception", SIGABRT) after the work itself succeeded."""
+    if not world.distributed:
+        return
+    import gc
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if together:
+        dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def comm_error(e: BaseException) -> bool:

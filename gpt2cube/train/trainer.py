@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..loop.core import Job, LoopConfig, check_launch, micro_batch, run
 from ..loop.curve import plot_loss  # noqa: F401 - re-exported (scripts/training_report.py)
 from ..loop.schedule import cosine_lr, fast_bf16, pick_device, pick_precision  # noqa: F401 - re-exported
-from ..loop.world import agree, device_for, join, leave
+from ..loop.world import agree, device_for, joined
 from ..tokenizers import bundled_gpt2_files
 from .data import corpus_files, load_tokens, split_holdout
 
@@ -203,13 +203,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True,
           log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> dict:
     """Train cfg's model; under torchrun, one rank of a data-parallel job (see gpt2cube.loop)."""
     device = pick_device(cfg.device)
-    world = join(device, cfg.dist_timeout)
-    try:
+    with joined(device, cfg.dist_timeout) as world:
         job, saved = agree(world, lambda: _setup(cfg, resume, world, device))
         device = job.device
         res = run(job, _loop_config(cfg), world, device, saved, progress=progress)
-    finally:
-        leave(world)
     last = res["last"]
     summary = {"out": str(cfg.out), "device": device, "precision": job.precision,
                **({"neural": cfg.neural} if cfg.neural else {"variant": cfg.variant or {"pos": "learned"}}),
