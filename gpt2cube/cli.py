@@ -102,14 +102,17 @@ def main() -> None:
 @click.option("--concepts", type=click.Path(path_type=Path), default=None,
               help="Concept map: lines of 'name: text', placed on the cube by the model's hidden states.")
 @click.option("--concept-layer", type=int, default=None, help="Layer the concept map is read at [default: middle].")
+@click.option("--imatrix", "imatrix_file", type=click.Path(path_type=Path), default=None,
+              help="Importance matrix (`gpt2cube imatrix`, or llama-imatrix's .gguf / .dat): q4_0, q4_k and q6_k "
+                   "linear tensors minimise the importance-weighted error, as llama-quantize --imatrix does.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
 def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_file: Path | None,
             ternary_scale: str | None, strict: bool, hypercube_dim: int | None, calib: Path | None, calib_tokens: int,
-            hypercube_from: Path | None, router: str, router_radius: int | None, concepts: Path | None, concept_layer: int | None, force: bool,
-            quiet: bool, as_json: bool) -> None:
+            hypercube_from: Path | None, router: str, router_radius: int | None, concepts: Path | None, concept_layer: int | None,
+            imatrix_file: Path | None, force: bool, quiet: bool, as_json: bool) -> None:
     """Convert the Hugging Face checkpoint directory SRC to a GGUF file.
 
     Norms and biases always stay f32. Ternary types (tq1_0, tq2_0) apply BitNet b1.58 absmean
@@ -133,7 +136,12 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
         if hypercube_dim is None or calib is None:
             raise click.UsageError("--hypercube-dim and --calib go together (and --concepts needs both)")
         cube = HypercubeOptions(hypercube_dim, calib, calib_tokens, concepts, concept_layer, router, router_radius)
-    result = run_convert(src, out, recipe, force=force, progress=not quiet, log=_log, hypercube=cube)
+    imatrix = None
+    if imatrix_file is not None:
+        from .calib.imatrix_file import read_imatrix
+
+        imatrix = read_imatrix(imatrix_file)
+    result = run_convert(src, out, recipe, force=force, progress=not quiet, log=_log, hypercube=cube, imatrix=imatrix)
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=2))
         return
@@ -143,6 +151,32 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
              f"max {max(sp):.3f} (per tensor: --json or gpt2cube inspect)")
     types = ", ".join(f"{n} {t}" for t, n in result.tensor_types.items())
     click.echo(f"wrote {result.output} ({result.bytes / 1e6:.2f} MB, {types}) in {result.seconds:.2f} s")
+
+
+@main.command()
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--calib", required=True, type=click.Path(path_type=Path), help="Calibration text (UTF-8).")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Importance matrix to write: GGUF as llama-imatrix writes it (a .dat name: its legacy format).")
+@click.option("--calib-tokens", type=int, default=65_536, show_default=True,
+              help="Use the first N tokens of the text (whole windows of --ctx).")
+@click.option("--ctx", type=int, default=None, help="Window (llama-imatrix's chunk) length [default: 512, or the "
+              "model's context if shorter].")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@_fail_cleanly
+def imatrix(src: Path, calib: Path, out: Path, calib_tokens: int, ctx: int | None, force: bool) -> None:
+    """Collect an importance matrix (mean squared input per column of every linear weight) of the
+    HF checkpoint directory or GGUF file SRC on calibration text, for `convert --imatrix` and
+    llama-quantize --imatrix."""
+    from .calib.collect import imatrix_of
+    from .converter.convert import check_output
+
+    if not src.exists():
+        raise InputError(f"{src}: no such checkpoint directory or GGUF file")
+    check_output(out, force, [calib] + ([src] if src.is_file() else []))
+    im, summary = imatrix_of(src, calib, calib_tokens, ctx)
+    im.write(out)
+    click.echo(json.dumps({"output": str(out), **summary}))
 
 
 @main.command()

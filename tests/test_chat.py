@@ -4,6 +4,7 @@ budget, queue, disconnects) run in-process and as a real uvicorn server on loopb
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -284,13 +285,14 @@ def _serving(pool):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(create_app(pool), host="127.0.0.1", port=port, log_level="error"))
-    t = threading.Thread(target=server.run, daemon=True)
+    loop = asyncio.new_event_loop()  # kept, so a test can act on the pool from the server's own loop
+    t = threading.Thread(target=loop.run_until_complete, args=(server.serve(),), daemon=True)
     t.start()
     deadline = time.time() + 20
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", loop
     finally:
         server.should_exit = True
         t.join(10)
@@ -299,15 +301,16 @@ def _serving(pool):
 @pytest.fixture
 def live_server(files):
     pool = ModelPool([files["q8_0"]], budget_bytes=int(400e6), n_ctx=128, queue_limit=1)
-    with _serving(pool) as url:
-        yield url, pool
+    with _serving(pool) as (url, loop):
+        yield url, pool, loop
 
 
 def test_disconnect_frees_the_slot_and_the_queue_is_bounded(live_server):
     import httpx
 
-    url, pool = live_server
-    body = {"model": "small-q8_0", "prompt": "Once upon a time", "max_tokens": 100, "stream": True,
+    url, pool, loop = live_server
+    name = "small-q8_0"
+    body = {"model": name, "prompt": "Once upon a time", "max_tokens": 100, "stream": True,
             "repeat_penalty": 1.0}
     with httpx.Client(timeout=30) as c:
         with c.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -317,23 +320,30 @@ def test_disconnect_frees_the_slot_and_the_queue_is_bounded(live_server):
         r = c.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 4})
         assert r.status_code == 200 and time.time() - t0 < 20  # the slot came back
 
-        results = []
+    # The queue: this test holds the model's slot itself (on the server's loop, as a request
+    # would), so what the next four requests meet does not depend on how fast the model runs.
+    held = asyncio.run_coroutine_threadsafe(pool.acquire(name), loop).result(20)
+    results = []
 
-        def stream_one():
-            with httpx.Client(timeout=60) as cc:
-                with cc.stream("POST", f"{url}/v1/completions", json={**body, "max_tokens": 60}) as rr:
-                    results.append(rr.status_code)
-                    for _ in rr.iter_lines():
-                        pass
+    def stream_one():
+        with httpx.Client(timeout=60) as cc:
+            with cc.stream("POST", f"{url}/v1/completions", json={**body, "max_tokens": 8}) as rr:
+                results.append(rr.status_code)
+                for _ in rr.iter_lines():
+                    pass
 
-        threads = [threading.Thread(target=stream_one) for _ in range(4)]
-        for th in threads:
-            th.start()
-            time.sleep(0.05)
-        for th in threads:
-            th.join(60)
-        # one runs, one waits (queue 1), the others are told to retry
-        assert sorted(results).count(200) >= 2 and 429 in results and set(results) <= {200, 429}
+    threads = [threading.Thread(target=stream_one) for _ in range(4)]
+    for th in threads:
+        th.start()
+    deadline = time.time() + 30
+    while (len(results) < 3 or pool.entries[name].waiting < 1) and time.time() < deadline:
+        time.sleep(0.02)
+    # one waits for the slot (queue limit 1), the other three are told to retry at once
+    assert sorted(results) == [429, 429, 429] and pool.entries[name].waiting == 1, (results, pool.entries[name].waiting)
+    loop.call_soon_threadsafe(pool.release, held)
+    for th in threads:
+        th.join(60)
+    assert sorted(results) == [200, 429, 429, 429]
     assert not pool.entries["small-q8_0"].lock.locked()
 
 
@@ -377,7 +387,7 @@ def test_page_streams_two_models_side_by_side_in_chromium(files, tmp_path):
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,760"):
         opts.add_argument(a)
     pool = ModelPool([files["f16"], files["q8_0"]], budget_bytes=int(400e6), n_ctx=128, queue_limit=4)
-    with _serving(pool) as url:
+    with _serving(pool) as (url, _loop):
         drv = webdriver.Chrome(service=Service(executable_path=chromedriver), options=opts)
         try:
             drv.get(url + "/")

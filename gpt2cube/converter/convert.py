@@ -102,9 +102,13 @@ def convert(
     progress: bool = True,
     log: Callable[[str], None] | None = None,
     hypercube: ConvertExtension | None = None,
+    imatrix=None,
 ) -> ConvertResult:
     """`hypercube` (hypercube.build.HypercubeOptions, or any ConvertExtension) is prepared on the
-    checkpoint before anything is written: it may reorder tensors and adds metadata."""
+    checkpoint before anything is written: it may reorder tensors and adds metadata. `imatrix`
+    (calib.imatrix_file.Imatrix) weights the quantization of every linear tensor whose type
+    takes importance weights (q4_0, q4_k, q6_k), as llama-quantize --imatrix does; it is checked
+    against the model (names, columns, values) before anything is written."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     ckpt = open_checkpoint(src)
@@ -118,11 +122,18 @@ def convert(
     for w in warnings:
         log(f"warning: {w}")
     cube = hypercube.prepare(ckpt, arch, planned, log) if hypercube is not None else None
+    importance = _importance_for(imatrix, planned) if imatrix is not None else {}
 
     writer = ArrayPackingWriter(path=None, arch=arch.gguf_arch)
     _write_metadata(writer, ckpt, arch, vocab, planned, recipe)
     if cube is not None:
         cube.write_metadata(writer)
+    if imatrix is not None:  # the keys llama-quantize --imatrix writes
+        writer.add_string("quantize.imatrix.file", str(imatrix.path or ""))
+        if imatrix.datasets:
+            writer.add_string("quantize.imatrix.dataset", imatrix.datasets[-1])
+        writer.add_int32("quantize.imatrix.entries_count", len(importance))
+        writer.add_int32("quantize.imatrix.chunks_count", int(imatrix.chunk_count))
     for p in planned:
         writer.add_tensor_info(p.spec.gguf_name, p.spec.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype.ggml_type)
 
@@ -133,7 +144,7 @@ def convert(
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        ternary = _write_tensors(writer, ckpt, planned, recipe, progress, cube.permute if cube else None)
+        ternary = _write_tensors(writer, ckpt, planned, recipe, progress, cube.permute if cube else None, importance)
         writer.close()
         os.replace(tmp, out)
     except BaseException:
@@ -166,10 +177,24 @@ def _write_metadata(writer: GGUFWriter, ckpt: Checkpoint, arch, vocab, planned: 
     writer.add_array(K.KEY_TENSOR_TYPES, [p.qtype.name for p in planned])
 
 
+def _importance_for(imatrix, planned: list[PlannedTensor]) -> dict[str, np.ndarray]:
+    """GGUF name -> checked importance for each linear tensor whose type takes it; an entry for a
+    tensor this model does not have is an error too (a matrix made for another model)."""
+    linear = {p.spec.gguf_name: p for p in planned if p.spec.role == "linear"}
+    extra = sorted(set(imatrix.sums) - set(linear))
+    if extra:
+        raise ShapeMismatch(f"{imatrix.where}: entry {extra[0]} ({len(extra)} in all) names no linear tensor of this "
+                            f"model; expected entries for {next(iter(linear), 'none')} ... (made for another model?)")
+    return {name: imatrix.checked(name, p.spec.shape[-1]) for name, p in linear.items() if p.qtype.takes_importance}
+
+
 def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTensor], recipe: Recipe,
-                   progress: bool, transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> dict[str, dict]:
+                   progress: bool, transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
+                   importance: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
     """Streams every tensor; returns the statistics the encoders report (ternary sparsity).
-    `transform(gguf_name, array)` may reorder a tensor (in GGUF layout) before it is encoded."""
+    `transform(gguf_name, array)` may reorder a tensor (in GGUF layout) before it is encoded (its
+    importance columns move with it)."""
+    importance = importance or {}
     from tqdm import tqdm
 
     stats: dict[str, dict] = {}
@@ -184,7 +209,11 @@ def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTe
             if data.shape != p.spec.shape:
                 raise ShapeMismatch(f"{ckpt.path}: tensor {p.spec.src_name} has shape {list(data.shape)} after loading; "
                                     f"expected {list(p.spec.shape)}")
-            encoded, info = p.qtype.encode(np.ascontiguousarray(data, dtype=np.float32), recipe.ternary_scale)
+            imp = importance.get(p.spec.gguf_name)
+            if imp is not None and transform is not None:
+                imp = transform(p.spec.gguf_name, np.ascontiguousarray(np.broadcast_to(imp, p.spec.shape)))[0]
+            extra = {"importance": imp} if imp is not None else {}
+            encoded, info = p.qtype.encode(np.ascontiguousarray(data, dtype=np.float32), recipe.ternary_scale, **extra)
             if encoded.nbytes != p.nbytes:  # the header already promised p.nbytes: never write a shifted file
                 raise Gpt2cubeError(f"internal error: {p.qtype.name} encoded {p.spec.gguf_name} {list(p.spec.shape)} "
                                     f"into {encoded.nbytes} bytes; the GGUF header promised {p.nbytes}; no file written")

@@ -29,6 +29,7 @@ class QuantType:
     # The type to use instead when a row length does not fit block_size (None: always fits).
     fallback: ClassVar[str | None] = None
     is_ternary: ClassVar[bool] = False
+    takes_importance: ClassVar[bool] = False  # quantize_weighted exists (convert --imatrix)
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -58,29 +59,43 @@ class QuantType:
         raise NotImplementedError(f"{cls.__name__} must implement quantize")
 
     @classmethod
-    def quantize_rows(cls, x: np.ndarray, chunk_elems: int = 1 << 18) -> np.ndarray:
-        """`quantize` over a 2-D array a band of rows at a time, so temporaries stay around
-        `chunk_elems` floats per worker instead of growing with the tensor (token_embd of GPT-2
-        is 38.6M); bands run on a few threads (numpy releases the GIL in its loops)."""
+    def quantize_rows(cls, x: np.ndarray, chunk_elems: int = 1 << 18, importance: np.ndarray | None = None) -> np.ndarray:
+        """`quantize` (or `quantize_weighted` with `importance`) over a 2-D array a band of rows at
+        a time, so temporaries stay around `chunk_elems` floats per worker instead of growing with
+        the tensor (token_embd of GPT-2 is 38.6M); bands run on a few threads (numpy releases the
+        GIL in its loops)."""
+        def enc(a: np.ndarray) -> np.ndarray:
+            return cls.quantize(a) if importance is None else cls.quantize_weighted(a, importance)
+
         rows = max(1, chunk_elems // max(1, x.shape[-1]))
         if x.ndim != 2 or x.shape[0] <= rows:
-            return cls.quantize(x)
-        first = cls.quantize(x[:rows])
+            return enc(x)
+        first = enc(x[:rows])
         out = np.empty((x.shape[0], first.shape[1]), dtype=first.dtype)
         out[:rows] = first
 
         def band(i: int) -> None:
-            out[i : i + rows] = cls.quantize(x[i : i + rows])
+            out[i : i + rows] = enc(x[i : i + rows])
 
         with ThreadPoolExecutor(max_workers=ENCODE_THREADS) as pool:
             list(pool.map(band, range(rows, x.shape[0], rows)))
         return out
 
     @classmethod
-    def encode(cls, x: np.ndarray, scale_mode: str = "tensor") -> tuple[np.ndarray, dict]:
+    def encode(cls, x: np.ndarray, scale_mode: str = "tensor",
+               importance: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """The converter's entry: encoded bytes plus statistics worth reporting (none here;
-        ternary types report sparsity). `scale_mode` only matters to ternary types."""
+        ternary types report sparsity). `scale_mode` only matters to ternary types; `importance`
+        (one positive weight per column, an imatrix entry) to the types that take it."""
+        if importance is not None and cls.takes_importance:
+            return cls.quantize_rows(x, importance=importance), {}
         return cls.quantize_rows(x), {}
+
+    @classmethod
+    def quantize_weighted(cls, x: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        """Like `quantize`, choosing scales to minimise sum_j importance[j] * (x_j - q_j)^2 over
+        each row (llama-quantize --imatrix); only for classes with `takes_importance`."""
+        raise NotImplementedError(f"{cls.__name__} takes no importance weights")
 
     @classmethod
     def quantize_ref(cls, x: np.ndarray) -> np.ndarray:
@@ -117,3 +132,18 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
     """
     t = np.trunc(x)
     return t + np.where(np.abs(x - t) >= 0.5, np.sign(x), 0).astype(x.dtype)
+
+
+def importance_blocks(x: np.ndarray, importance: np.ndarray, block_size: int) -> np.ndarray:
+    """The per-column importance laid over x's blocks: (n_blocks, block_size) float32."""
+    imp = np.asarray(importance, dtype=np.float32)
+    if imp.shape != (x.shape[-1],):
+        raise ValueError(f"importance has shape {imp.shape}; expected ({x.shape[-1]},), one weight per column")
+    return np.ascontiguousarray(np.broadcast_to(imp, x.shape), dtype=np.float32).reshape(-1, block_size)
+
+
+def weighted_sq_error(x: np.ndarray, y: np.ndarray, importance: np.ndarray) -> float:
+    """sum over rows and columns j of importance[j] * (x - y)^2 (float64): the error an imatrix
+    measures, the sum over calibration tokens of (dW x)^2 if input columns were independent."""
+    d = (np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2
+    return float((d.reshape(-1, d.shape[-1]) @ np.asarray(importance, np.float64)).sum())

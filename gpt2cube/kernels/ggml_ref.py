@@ -29,11 +29,16 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def ggml_quantize(x: np.ndarray, ggml_type: int) -> np.ndarray:
-    """2-D float32 (rows, n) -> ggml's bytes (rows, row_size), no importance matrix."""
+def ggml_quantize(x: np.ndarray, ggml_type: int, importance: np.ndarray | None = None) -> np.ndarray:
+    """2-D float32 (rows, n) -> ggml's bytes (rows, row_size); `importance` (n,) is the imatrix
+    entry llama-quantize --imatrix would hand ggml_quantize_chunk for this tensor."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, n = x.shape
     lib = _lib()
     out = np.zeros((rows, lib.ggml_row_size(int(ggml_type), n)), dtype=np.uint8)
-    lib.ggml_quantize_chunk(int(ggml_type), x.ctypes.data, out.ctypes.data, 0, rows, n, None)
+    imp = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32)
+    if imp is not None and imp.shape != (n,):
+        raise ValueError(f"importance has shape {imp.shape}; expected ({n},)")
+    lib.ggml_quantize_chunk(int(ggml_type), x.ctypes.data, out.ctypes.data, 0, rows, n,
+                            None if imp is None else imp.ctypes.data)
     return out

@@ -6,6 +6,13 @@ Byte layout of a block (18 bytes, ggml's `block_q4_0`):
     q[i] = min(15, trunc(x[i] / d + 8.5))          (codes 0..15)
 Dequantization: x[i] = (q[i] - 8) * d.
 Using the signed extreme (not |max|) puts it exactly on code 0, so the 16th level is not wasted.
+
+With an importance matrix (`quantize_weighted`, convert --imatrix) each block minimises
+sum_i w_i (x_i - d q_i)^2, w the imatrix column means: the 19 inverse steps -(8 + 0.1 k) / m,
+k = -9..9, that llama.cpp's make_qx_quants tries, each with its step refitted by least squares
+twice, under w and under llama.cpp's weights w_i sqrt(sigma^2 + x_i^2) (so llama-quantize's own
+choice is among the candidates), scored with the float16 step actually stored; the winner's codes
+are then re-rounded against that stored step (which can only lower the error).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from .base import QuantType, as_blocks
+from .base import QuantType, as_blocks, importance_blocks
 
 QK4_0 = 32
 
@@ -29,16 +36,72 @@ def _codes(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return d, q
 
 
+GROUP_MAX_EPS = np.float32(1e-15)
+ONES = np.ones(QK4_0, np.float32)
+
+
+def weighted_steps(b: np.ndarray, w: np.ndarray, wg: np.ndarray, nmax: int, tries: range) -> np.ndarray:
+    """(nb, n) blocks, weights w (the error's) and wg (llama.cpp's) -> the float16-exact step per
+    block, among inverse steps -(nmax + 0.1 k) / m (k in `tries`, m the signed extreme), each refitted
+    under w and under wg, of least w-weighted error with codes clipped to -nmax .. nmax - 1."""
+    ones = np.ones(b.shape[1], np.float32)
+    idx = np.abs(b).argmax(axis=1)
+    m = np.take_along_axis(b, idx[:, None], axis=1)[:, 0]
+    flat = np.abs(m) < GROUP_MAX_EPS
+    m = np.where(flat, np.float32(1), m).astype(np.float32)
+    wx, gx = w * b, wg * b
+    sxx = (wx * b) @ ones
+    best_err = np.full(b.shape[0], np.inf, np.float32)
+    best = np.zeros(b.shape[0], np.float32)
+    q = np.empty_like(b)
+    for k in tries:
+        np.multiply(b, (np.float32(-(nmax + 0.1 * k)) / m)[:, None], out=q)
+        np.rint(q, out=q)
+        np.clip(q, -nmax, nmax - 1, out=q)
+        qq = q * q
+        sxq, sqq = (wx * q) @ ones, (w * qq) @ ones
+        for num, den in ((sxq, sqq), ((gx * q) @ ones, (wg * qq) @ ones)):
+            with np.errstate(divide="ignore", invalid="ignore"):
+                d = np.where(den > 0, num / den, 0).astype(np.float16).astype(np.float32)
+            err = sxx - 2 * d * sxq + d * d * sqq
+            better = (den > 0) & (err < best_err)
+            best_err = np.where(better, err, best_err)
+            best = np.where(better, d, best)
+    return np.where(flat, np.float32(0), best).astype(np.float32)
+
+
+def llama_weights(b: np.ndarray, imp: np.ndarray, row_sigma2: np.ndarray) -> np.ndarray:
+    """llama.cpp's weights for an imatrix: imp * sqrt(sigma^2 + x^2), sigma^2 per row (or block)."""
+    return imp * np.sqrt(row_sigma2[:, None] + b * b)
+
+
 class Q4_0(QuantType, name="q4_0"):
     ggml_type = GGMLQuantizationType.Q4_0
     file_type = LlamaFileType.MOSTLY_Q4_0
     block_size = QK4_0
     type_size = 2 + QK4_0 // 2
     fallback = "f16"
+    takes_importance = True
 
     @classmethod
     def quantize(cls, x: np.ndarray) -> np.ndarray:
         d, q = _codes(as_blocks(x, QK4_0))
+        return cls._pack(d, q, x)
+
+    @classmethod
+    def quantize_weighted(cls, x: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        b = as_blocks(x, QK4_0)
+        w = importance_blocks(x, importance, QK4_0)
+        rows = b.shape[0] // max(1, x.shape[-1] // QK4_0)
+        sigma2 = np.repeat((b.reshape(rows, -1) ** 2).mean(axis=1), x.shape[-1] // QK4_0)
+        d = weighted_steps(b, w, llama_weights(b, w, sigma2), 8, range(-9, 10))
+        with np.errstate(divide="ignore"):
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+        q = (np.clip(np.rint(b * inv[:, None]), -8, 7) + 8).astype(np.uint8)
+        return cls._pack(d[:, None], q, x)
+
+    @classmethod
+    def _pack(cls, d: np.ndarray, q: np.ndarray, x: np.ndarray) -> np.ndarray:
         out = np.empty((q.shape[0], cls.type_size), dtype=np.uint8)
         out[:, :2] = d.astype(np.float16).view(np.uint8)
         out[:, 2:] = q[:, :16] | (q[:, 16:] << 4)

@@ -25,6 +25,11 @@ Our quantizer (ggml's family, written for plain squared error, the error that ma
 Measured against ggml's reference quantizer (tests/test_kernels_lowbit.py): 0.97-0.98x its RMSE on
 Gaussian, Student-t(3), Laplace and uniform weights, at about a third of the work of
 reproducing its 19 ordered float32 fits.
+
+With an importance matrix (`quantize_weighted`, convert --imatrix) every sum above is weighted
+by the imatrix column means w (the error is sum_i w_i (x_i - d q_i)^2), step 1 tries llama.cpp's
+19 numerators 32 + 0.1 k, k = -9..9, fitted and scored under w as llama-quantize does for Q6_K,
+and step 3's refinement scores under w too.
 """
 
 from __future__ import annotations
@@ -32,18 +37,19 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from .base import QuantType, as_blocks
+from .base import QuantType, as_blocks, importance_blocks
 
 QK_K = 256
 NMAX = 32
 GROUP_MAX_EPS = np.float32(1e-15)
 STEP_NUMERATORS = (31.1, 31.7, 32.3, 32.9)
+WEIGHTED_NUMERATORS = tuple(32 + 0.1 * k for k in range(-9, 10))  # llama.cpp's make_qx_quants
 ONES = np.ones(16, np.float32)
 
 
-def _row_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row dot products of (M, 16) arrays: the product, then a matrix-vector sum (BLAS)."""
-    return (a * b) @ ONES
+def _row_dots(a: np.ndarray, b: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """Per-row (w-weighted) dot products of (M, 16) arrays: the product, then a matrix-vector sum (BLAS)."""
+    return (a * b if w is None else a * b * w) @ ONES
 
 
 def _codes(x: np.ndarray, step: np.ndarray) -> np.ndarray:
@@ -55,27 +61,28 @@ def _codes(x: np.ndarray, step: np.ndarray) -> np.ndarray:
     return np.clip(q, -NMAX, NMAX - 1, out=q)
 
 
-def _sq_error(sxx: np.ndarray, x: np.ndarray, q: np.ndarray, step: np.ndarray) -> np.ndarray:
-    """sum_i (x_i - step * q_i)^2 from sums: no second pass over the residual."""
-    return sxx - 2 * step * _row_dots(q, x) + step * step * _row_dots(q, q)
+def _sq_error(sxx: np.ndarray, x: np.ndarray, q: np.ndarray, step: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """sum_i w_i (x_i - step * q_i)^2 from sums: no second pass over the residual."""
+    return sxx - 2 * step * _row_dots(q, x, w) + step * step * _row_dots(q, q, w)
 
 
-def fit_subblocks(x: np.ndarray) -> np.ndarray:
-    """(M, 16) float32 -> least-squares step (M,) of the best candidate (0 for a flat sub-block)."""
+def fit_subblocks(x: np.ndarray, w: np.ndarray | None = None) -> np.ndarray:
+    """(M, 16) float32 -> least-squares step (M,) of the best candidate (0 for a flat sub-block);
+    with weights w (M, 16), the weighted fit over llama.cpp's candidates."""
     ax = np.abs(x)
     k = np.argmax(ax, axis=1)
     rows = np.arange(x.shape[0])
     flat = ax[rows, k] < GROUP_MAX_EPS
     mx = np.where(flat, np.float32(1), x[rows, k]).astype(np.float32)
-    sxx = _row_dots(x, x)
+    sxx = _row_dots(x, x, w)
     best_err = np.full(x.shape[0], np.inf, np.float32)
     best = np.zeros(x.shape[0], np.float32)
     q = np.empty_like(x)
-    for n in STEP_NUMERATORS:
+    for n in STEP_NUMERATORS if w is None else WEIGHTED_NUMERATORS:
         np.multiply(x, (np.float32(-n) / mx)[:, None], out=q)
         np.rint(q, out=q)
         np.clip(q, -NMAX, NMAX - 1, out=q)
-        sxq, sqq = _row_dots(x, q), _row_dots(q, q)
+        sxq, sqq = _row_dots(x, q, w), _row_dots(q, q, w)
         with np.errstate(divide="ignore", invalid="ignore"):
             step = sxq / sqq
             err = sxx - sxq * step
@@ -85,11 +92,13 @@ def fit_subblocks(x: np.ndarray) -> np.ndarray:
     return np.where(flat, np.float32(0), best).astype(np.float32)
 
 
-def quantize_superblocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(N, 256) -> (d float16 (N,), scales int8 (N, 16), codes uint8 (N, 256) in 0..63)."""
+def quantize_superblocks(blocks: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, 256) -> (d float16 (N,), scales int8 (N, 16), codes uint8 (N, 256) in 0..63); with
+    `weights` (N, 256), every choice minimises the weighted error."""
     n = blocks.shape[0]
     sub = blocks.reshape(-1, 16)
-    step = fit_subblocks(sub).reshape(n, 16)
+    w = None if weights is None else weights.reshape(-1, 16)
+    step = fit_subblocks(sub, w).reshape(n, 16)
     j = np.argmax(np.abs(step), axis=1)
     max_step = step[np.arange(n), j]
     flat = np.abs(max_step) < GROUP_MAX_EPS
@@ -98,12 +107,12 @@ def quantize_superblocks(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     d = np.where(flat, np.float32(0), np.float32(1) / iscale).astype(np.float16)
     sc = np.clip(np.rint(iscale[:, None] * step), -128, 127).reshape(-1)
     d_sub = np.repeat(d.astype(np.float32), 16)
-    sxx = _row_dots(sub, sub)
-    best_err = _sq_error(sxx, sub, _codes(sub, d_sub * sc), d_sub * sc)
+    sxx = _row_dots(sub, sub, w)
+    best_err = _sq_error(sxx, sub, _codes(sub, d_sub * sc), d_sub * sc, w)
     best = sc.copy()
     for move in (-1, 1):
         trial = np.clip(sc + move, -128, 127)
-        err = _sq_error(sxx, sub, _codes(sub, d_sub * trial), d_sub * trial)
+        err = _sq_error(sxx, sub, _codes(sub, d_sub * trial), d_sub * trial, w)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best = np.where(better, trial, best)
@@ -131,11 +140,18 @@ class Q6_K(QuantType, name="q6_k"):
     block_size = QK_K
     type_size = 128 + 64 + 16 + 2
     fallback = "q8_0"
+    takes_importance = True
 
     @classmethod
     def quantize(cls, x: np.ndarray) -> np.ndarray:
         blocks = as_blocks(x, QK_K)
         return pack(*quantize_superblocks(blocks)).reshape(*np.shape(x)[:-1], -1)
+
+    @classmethod
+    def quantize_weighted(cls, x: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        blocks = as_blocks(x, QK_K)
+        w = importance_blocks(x, importance, QK_K)
+        return pack(*quantize_superblocks(blocks, w)).reshape(*np.shape(x)[:-1], -1)
 
     @classmethod
     def quantize_ref(cls, x: np.ndarray) -> np.ndarray:

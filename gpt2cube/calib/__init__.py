@@ -1,0 +1,1 @@
+"""Calibration without training: importance matrices (llama-imatrix format) and the statistics they need."""
