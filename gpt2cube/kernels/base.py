@@ -10,7 +10,9 @@ bytes back to float32 (`dequantize`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -30,6 +32,7 @@ class QuantType:
     fallback: ClassVar[str | None] = None
     is_ternary: ClassVar[bool] = False
     takes_importance: ClassVar[bool] = False  # quantize_weighted exists (convert --imatrix)
+    has_grid: ClassVar[bool] = False  # grid exists (convert --method gptq)
 
     def __init_subclass__(cls, name: str | None = None, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -98,6 +101,15 @@ class QuantType:
         raise NotImplementedError(f"{cls.__name__} takes no importance weights")
 
     @classmethod
+    def grid(cls, x: np.ndarray, importance: np.ndarray | None = None, scale: np.ndarray | None = None) -> "Grid":
+        """The values this type can store for the blocks of x (rows, n), n a multiple of block_size,
+        with the block parameters (scales, mins) fitted to x as `quantize` (or `quantize_weighted`
+        with `importance`) fits them; ternary types take their `scale` (rows, 1) from the caller,
+        as it belongs to the whole tensor. Error-feedback quantization (calib.gptq) fixes a block's
+        grid when it reaches the block, then rounds each updated column onto it."""
+        raise NotImplementedError(f"{cls.__name__} has no grid (no error-feedback quantization)")
+
+    @classmethod
     def quantize_ref(cls, x: np.ndarray) -> np.ndarray:
         """Reference twin of `quantize`; defaults to `quantize` where there is no fast path."""
         return cls.quantize(x)
@@ -147,3 +159,35 @@ def weighted_sq_error(x: np.ndarray, y: np.ndarray, importance: np.ndarray) -> f
     measures, the sum over calibration tokens of (dW x)^2 if input columns were independent."""
     d = (np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2
     return float((d.reshape(-1, d.shape[-1]) @ np.asarray(importance, np.float64)).sum())
+
+
+@dataclass
+class Grid:
+    """The values one group of blocks can store: x^ = step * k + zero, k an integer in
+    [kmin, kmax], per element (step and zero are (rows, n), constant over each (sub-)block);
+    `pack(k)` writes codes k (rows, n) as the type's bytes (rows, n / block_size * type_size)
+    with these block parameters, so the file dequantizes to `values(k)` (up to float32 rounding
+    of the product)."""
+
+    step: np.ndarray
+    zero: np.ndarray
+    kmin: int
+    kmax: int
+    pack: Callable[[np.ndarray], np.ndarray]
+
+    def codes(self, x: np.ndarray, cols: slice | int = slice(None)) -> np.ndarray:
+        """Nearest codes for x at columns `cols` of the group (a zero step stores `zero` alone: code kmin)."""
+        step, zero = self.step[:, cols], self.zero[:, cols]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            k = np.rint((x - zero) / step)
+        return np.clip(np.where(step == 0, self.kmin, k), self.kmin, self.kmax)
+
+    def values(self, k: np.ndarray, cols: slice | int = slice(None)) -> np.ndarray:
+        return self.step[:, cols] * k + self.zero[:, cols]
+
+
+def per_block(v: np.ndarray, rows: int, n: int) -> np.ndarray:
+    """One value per (sub-)block, row-major (rows * n / width values) -> (rows, n), each repeated
+    over its block's width."""
+    v = np.asarray(v, np.float32).reshape(rows, -1)
+    return np.repeat(v, n // v.shape[1], axis=1)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from .base import QuantType, as_blocks, importance_blocks
+from .base import Grid, QuantType, as_blocks, importance_blocks, per_block
 
 QK4_0 = 32
 
@@ -82,6 +82,7 @@ class Q4_0(QuantType, name="q4_0"):
     type_size = 2 + QK4_0 // 2
     fallback = "f16"
     takes_importance = True
+    has_grid = True
 
     @classmethod
     def quantize(cls, x: np.ndarray) -> np.ndarray:
@@ -91,14 +92,30 @@ class Q4_0(QuantType, name="q4_0"):
     @classmethod
     def quantize_weighted(cls, x: np.ndarray, importance: np.ndarray) -> np.ndarray:
         b = as_blocks(x, QK4_0)
-        w = importance_blocks(x, importance, QK4_0)
-        rows = b.shape[0] // max(1, x.shape[-1] // QK4_0)
-        sigma2 = np.repeat((b.reshape(rows, -1) ** 2).mean(axis=1), x.shape[-1] // QK4_0)
-        d = weighted_steps(b, w, llama_weights(b, w, sigma2), 8, range(-9, 10))
+        d = cls._weighted_steps(b, x, importance)
         with np.errstate(divide="ignore"):
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
         q = (np.clip(np.rint(b * inv[:, None]), -8, 7) + 8).astype(np.uint8)
         return cls._pack(d[:, None], q, x)
+
+    @staticmethod
+    def _weighted_steps(b: np.ndarray, x: np.ndarray, importance: np.ndarray) -> np.ndarray:
+        w = importance_blocks(x, importance, QK4_0)
+        rows = b.shape[0] // max(1, x.shape[-1] // QK4_0)
+        sigma2 = np.repeat((b.reshape(rows, -1) ** 2).mean(axis=1), x.shape[-1] // QK4_0)
+        return weighted_steps(b, w, llama_weights(b, w, sigma2), 8, range(-9, 10))
+
+    @classmethod
+    def grid(cls, x: np.ndarray, importance: np.ndarray | None = None, scale: np.ndarray | None = None) -> Grid:
+        """x^ = d * (k - 8), k in 0..15, d the block's stored float16 step."""
+        b = as_blocks(x, QK4_0)
+        if importance is None:
+            d = _codes(b)[0][:, 0]
+        else:
+            d = cls._weighted_steps(b, x, importance)
+        d = d.astype(np.float16).astype(np.float32)
+        step = per_block(d, x.shape[0], x.shape[1])
+        return Grid(step, -8 * step, 0, 15, lambda k: cls._pack(d[:, None], k.astype(np.uint8).reshape(-1, QK4_0), x))
 
     @classmethod
     def _pack(cls, d: np.ndarray, q: np.ndarray, x: np.ndarray) -> np.ndarray:

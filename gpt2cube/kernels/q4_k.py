@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from .base import QuantType, as_blocks, importance_blocks
+from .base import Grid, QuantType, as_blocks, importance_blocks, per_block
 
 QK_K = 256
 # Candidate step sizes (15 + R_MIN + R_DELTA * i) / (max - min), i = 0..N_STEPS. ggml uses 21
@@ -230,6 +230,7 @@ class Q4_K(QuantType, name="q4_k"):
     type_size = 4 + 12 + QK_K // 2
     fallback = "q4_0"
     takes_importance = True
+    has_grid = True
 
     @classmethod
     def quantize(cls, x: np.ndarray) -> np.ndarray:
@@ -240,10 +241,25 @@ class Q4_K(QuantType, name="q4_k"):
         return cls._pack(as_blocks(x, QK_K), importance_blocks(x, importance, QK_K), x)
 
     @classmethod
+    def grid(cls, x: np.ndarray, importance: np.ndarray | None = None, scale: np.ndarray | None = None) -> Grid:
+        """x^ = (d * sc) * k - dmin * m, k in 0..15, per sub-block of 32."""
+        blocks = as_blocks(x, QK_K)
+        weights = None if importance is None else importance_blocks(x, importance, QK_K)
+        d, dmin, sc, m, _ = _quantize_superblocks(blocks, weights)
+        rows, n = x.shape
+        step = per_block(d[:, None] * sc.astype(np.float32), rows, n)
+        zero = -per_block(dmin[:, None] * m.astype(np.float32), rows, n)
+        return Grid(step, zero, 0, 15, lambda k: cls._pack_fields(d, dmin, sc, m, k.reshape(-1, QK_K), x))
+
+    @classmethod
     def _pack(cls, blocks: np.ndarray, weights: np.ndarray | None, x: np.ndarray) -> np.ndarray:
-        d, dmin, sc, m, q = _quantize_superblocks(blocks, weights)
+        return cls._pack_fields(*_quantize_superblocks(blocks, weights), x)
+
+    @classmethod
+    def _pack_fields(cls, d, dmin, sc, m, q, x: np.ndarray) -> np.ndarray:
+        nb = q.shape[0]
         q = q.astype(np.uint8).reshape(-1, 4, 2, 32)  # [block, chunk, half, l]
-        out = np.empty((blocks.shape[0], cls.type_size), dtype=np.uint8)
+        out = np.empty((nb, cls.type_size), dtype=np.uint8)
         out[:, 0:2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
         out[:, 2:4] = dmin.astype(np.float16).view(np.uint8).reshape(-1, 2)
         out[:, 4:16] = pack_scales(sc, m)

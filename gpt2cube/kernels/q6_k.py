@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from .base import QuantType, as_blocks, importance_blocks
+from .base import Grid, QuantType, as_blocks, importance_blocks, per_block
 
 QK_K = 256
 NMAX = 32
@@ -141,6 +141,7 @@ class Q6_K(QuantType, name="q6_k"):
     type_size = 128 + 64 + 16 + 2
     fallback = "q8_0"
     takes_importance = True
+    has_grid = True
 
     @classmethod
     def quantize(cls, x: np.ndarray) -> np.ndarray:
@@ -152,6 +153,15 @@ class Q6_K(QuantType, name="q6_k"):
         blocks = as_blocks(x, QK_K)
         w = importance_blocks(x, importance, QK_K)
         return pack(*quantize_superblocks(blocks, w)).reshape(*np.shape(x)[:-1], -1)
+
+    @classmethod
+    def grid(cls, x: np.ndarray, importance: np.ndarray | None = None, scale: np.ndarray | None = None) -> Grid:
+        """x^ = (d * sc) * (k - 32), k in 0..63, per sub-block of 16."""
+        blocks = as_blocks(x, QK_K)
+        d, sc, _ = quantize_superblocks(blocks, None if importance is None else importance_blocks(x, importance, QK_K))
+        step = per_block(d.astype(np.float32)[:, None] * sc.astype(np.float32), *x.shape)
+        return Grid(step, -NMAX * step, 0, 2 * NMAX - 1,
+                    lambda k: pack(d, sc, k.astype(np.uint8).reshape(-1, QK_K)).reshape(x.shape[0], -1))
 
     @classmethod
     def quantize_ref(cls, x: np.ndarray) -> np.ndarray:

@@ -35,11 +35,15 @@ from typing import ClassVar
 import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from .base import QuantType
+from .base import Grid, QuantType
 
 QK_K = 256
 EPS = np.float32(1e-5)  # smallest scale; above float16's subnormal range
-SCALE_MODES = ("tensor", "row")
+SCALE_MODES = ("tensor", "row")  # what QAT trains with (finetune/fakequant.py follows them)
+# Scales fitted to the weights (and an importance matrix, when given) for conversion without
+# training: per row, the float16 scale of least (weighted) squared error of s * clip(round(w / s)).
+FITTED_SCALE_MODES = ("row-fit",)
+FIT_FACTORS = np.linspace(0.5, 2.0, 31, dtype=np.float32)  # candidate multiples of the row's absmean
 _POW3 = np.array([81, 27, 9, 3, 1], dtype=np.uint16)
 
 
@@ -58,6 +62,40 @@ def absmean_scale(w: np.ndarray, mode: str = "tensor") -> np.ndarray:
     return np.broadcast_to(s, (a.shape[0], 1)).copy()
 
 
+def ternary_scale(w: np.ndarray, mode: str = "tensor", importance: np.ndarray | None = None) -> np.ndarray:
+    """Scale per row (rows, 1) for any scale mode: absmean ("tensor", "row") or fitted ("row-fit")."""
+    if mode in FITTED_SCALE_MODES:
+        return fitted_row_scale(w, importance)
+    return absmean_scale(w, mode)
+
+
+def fitted_row_scale(w: np.ndarray, importance: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
+    """Per row, among s = f * absmean (f in FIT_FACTORS) and each one's least-squares refit
+    sum(h w t) / sum(h t^2), the float16 s of least sum_j h_j (w_j - s t_j)^2 with
+    t = clip(round(w / s), -1, 1); h = importance (ones without). Rows done `chunk` at a time."""
+    w = np.asarray(w, dtype=np.float32)
+    h = np.ones(w.shape[1], np.float32) if importance is None else np.asarray(importance, np.float32)
+    base = absmean_scale(w, "row")
+    out = np.empty_like(base)
+    for i in range(0, w.shape[0], chunk):
+        x, b = w[i : i + chunk], base[i : i + chunk]
+        best_e = np.full((x.shape[0], 1), np.inf, np.float32)
+        best_s = b.copy()
+        for f in FIT_FACTORS:
+            s = np.maximum(b * f, EPS).astype(np.float16).astype(np.float32)
+            t = np.clip(np.rint(x / s), -1, 1)
+            num, den = (h * x * t).sum(1, keepdims=True), (h * t * t).sum(1, keepdims=True)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                refit = np.where(den > 0, num / den, s)
+            for cand in (s, np.maximum(refit, EPS).astype(np.float16).astype(np.float32)):
+                tc = np.clip(np.rint(x / cand), -1, 1)
+                e = (h * (x - cand * tc) ** 2).sum(1, keepdims=True)
+                better = e < best_e
+                best_e, best_s = np.where(better, e, best_e), np.where(better, cand, best_s)
+        out[i : i + chunk] = best_s
+    return out
+
+
 def ternarize(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """W_t = clip(round(W / s), -1, 1) as int8; `scale` broadcasts over rows."""
     return np.clip(np.rint(np.asarray(w, dtype=np.float32) / scale), -1, 1).astype(np.int8)
@@ -67,6 +105,8 @@ class _Ternary(QuantType):
     block_size = QK_K
     fallback = "q4_0"
     is_ternary: ClassVar[bool] = True
+    has_grid: ClassVar[bool] = True
+    takes_importance: ClassVar[bool] = True  # weighs the fitted scale (--ternary-scale row-fit) only
 
     @classmethod
     def quantize(cls, x: np.ndarray, scale_mode: str = "tensor") -> np.ndarray:
@@ -79,9 +119,11 @@ class _Ternary(QuantType):
         return cls.encode(x, "tensor", chunk_elems)[0]
 
     @classmethod
-    def encode(cls, x: np.ndarray, scale_mode: str = "tensor", chunk_elems: int = 1 << 21) -> tuple[np.ndarray, dict]:  # type: ignore[override]
-        """The converter's entry: the scale needs the whole tensor, the packing goes by row bands."""
-        s = absmean_scale(x, scale_mode)
+    def encode(cls, x: np.ndarray, scale_mode: str = "tensor", chunk_elems: int = 1 << 21,  # type: ignore[override]
+               importance: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+        """The converter's entry: the scale needs the whole tensor, the packing goes by row bands.
+        `importance` (an imatrix entry) only weighs the fitted scale modes."""
+        s = ternary_scale(x, scale_mode, importance)
         rows = max(1, chunk_elems // x.shape[1])
         out = np.empty((x.shape[0], x.shape[1] // QK_K * cls.type_size), dtype=np.uint8)
         zeros = 0
@@ -92,6 +134,15 @@ class _Ternary(QuantType):
         stats = {"sparsity": zeros / x.size, "scale_mode": scale_mode,
                  "scale": float(s[0, 0]) if scale_mode == "tensor" else float(s.mean())}
         return out, stats
+
+    @classmethod
+    def grid(cls, x: np.ndarray, importance: np.ndarray | None = None, scale: np.ndarray | None = None) -> Grid:
+        """x^ = s * (k - 1), k in 0..2, s the tensor's (or row's) scale (rows, 1), given."""
+        if scale is None:
+            raise ValueError("a ternary grid needs the tensor's scale (rows, 1)")
+        s = np.asarray(scale, np.float32).reshape(-1, 1)
+        step = np.broadcast_to(s, x.shape).astype(np.float32)
+        return Grid(step, -step, 0, 2, lambda k: cls.pack(k.astype(np.int8) - 1, s))
 
     @classmethod
     def pack(cls, t: np.ndarray, scale: np.ndarray) -> np.ndarray:
