@@ -48,12 +48,12 @@ def print_report(rows: list[dict], meta: dict, json_path: Path | None) -> None:
     print(text)
     if json_path:
         json_path.write_text(text)
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # every column any row has, in first-seen order
     print()
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print("| " + " | ".join(str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(str(r.get(c, "-")) for c in cols) + " |")
 
 
 PY = sys.executable
@@ -93,23 +93,32 @@ def llama_cpp_source(workdir: Path, log=lambda m: print(m, file=sys.stderr)) -> 
     return src / "vendor" / "llama.cpp"
 
 
-def build_llama_bench(workdir: Path, log=lambda m: print(m, file=sys.stderr)) -> Path:
-    """llama-bench built from the llama.cpp source that llama-cpp-python vendors, Release,
-    native CPU flags as pip's build uses. Cached: a second call returns the existing binary."""
-    exe = workdir / "llama-bench-build" / "bin" / "llama-bench"
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # as scripts/setup.sh builds llama-cpp-python
+
+
+def build_llama_tool(workdir: Path, target: str, log=lambda m: print(m, file=sys.stderr)) -> Path:
+    """A llama.cpp tool (llama-bench, llama-imatrix, llama-quantize) built from the source that
+    llama-cpp-python vendors, Release, native CPU flags without the AMX kernels, as
+    scripts/setup.sh builds the runtime. Cached: a second call returns the existing binary."""
+    build = workdir / "llama-tools-build"
+    exe = build / "bin" / target
     if exe.is_file():
         return exe
     llama = llama_cpp_source(workdir, log)
-    build = workdir / "llama-bench-build"
-    log(f"building llama-bench from {llama} (a few minutes on 2 cores) ...")
+    log(f"building {target} from {llama} (a few minutes on 2 cores) ...")
     subprocess.run(["cmake", "-S", str(llama), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                    "-DBUILD_SHARED_LIBS=OFF"], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(build), "--target", "llama-bench", "-j", str(os.cpu_count() or 2)],
+                    "-DBUILD_SHARED_LIBS=OFF", f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"],
+                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(build), "--target", target, "-j", str(os.cpu_count() or 2)],
                    check=True, stdout=subprocess.DEVNULL)
     if not exe.is_file():
-        raise RuntimeError(f"{exe}: the build finished but produced no llama-bench")
+        raise RuntimeError(f"{exe}: the build finished but produced no {target}")
     return exe
+
+
+def build_llama_bench(workdir: Path, log=lambda m: print(m, file=sys.stderr)) -> Path:
+    return build_llama_tool(workdir, "llama-bench", log)
 
 
 def llama_bench(exe: Path, model: Path, n_prompt: int, n_gen: int, threads: int, repeats: int) -> dict:

@@ -80,6 +80,11 @@ def _gptq_plain(w, h, T, damp):
         err = (W[:, j] - Q[:, j]) / hinv[j, j]
         W[:, j + 1 :] -= np.outer(err, hinv[j, j + 1 :])
         hinv = hinv - np.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+    if T.is_ternary:  # then the one tensor scale of least output error for these codes, by least squares on X
+        t = np.rint(Q / scale)
+        r = np.linalg.cholesky(np.asarray(h, np.float64)).T  # H = R^T R: ||D X||^2 = ||D R^T||^2 up to scale
+        s = np.linalg.lstsq((t @ r.T).reshape(-1, 1), (np.asarray(w, np.float64) @ r.T).reshape(-1), rcond=None)[0][0]
+        Q = t * np.float32(np.float16(s))
     return Q
 
 
