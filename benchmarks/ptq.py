@@ -3,9 +3,9 @@ matrix, GPTQ and GPTQ + importance matrix, each file run in llama.cpp, beside ll
 llama-quantize --imatrix on the same model and the same importance matrix.
 
     python benchmarks/ptq.py [--workdir DIR] [--reference models/reference]
-        [--types q4_0 q4_k q6_k tq2_0] [--methods rtn imatrix gptq gptq+imatrix]
+        [--types q4_0 q4_k q6_k tq2_0] [--methods rtn imatrix gptq gptq+imatrix gptq+ao gptq+ao+imatrix]
         [--calib-tokens 16384] [--max-windows 10] [--ternary-scales tensor row-fit]
-        [--curve 2048 8192 32768] [--embed-types q8_0 q6_k] [--no-llama-tools] [--shape-124m]
+        [--curve 2048 8192 32768] [--embed-types q8_0 q6_k] [--no-llama-tools] [--tools-dir DIR] [--shape-124m]
 
 Calibration text: the first 60,000 characters of each of the first 12 training books (sorted by
 name; the held-out pg35 and the three validation books excluded), written to WORKDIR/calib.txt;
@@ -37,7 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import PY, build_checkpoint, build_llama_tool, print_report, run_measured  # noqa: E402
+from _common import PY, build_checkpoint, build_llama_tool, print_report  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 BOOKS = DATA / "gutenberg" / "books"
@@ -53,9 +53,22 @@ def calibration_text(out: Path, books: int = 12, chars: int = 60_000) -> Path:
     return out
 
 
+def measured(cmd: list) -> tuple[float, float]:
+    """(seconds, peak RSS MB) of a command, the RSS read by /usr/bin/time: a child forked from
+    this process (which holds the reference logits) would count this process's pages as its own."""
+    t0 = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-f", "__RSS_KB %M", *map(str, cmd)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True)
+    sec = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    kb = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("__RSS_KB ")]
+    return sec, kb[-1] / 1024
+
+
 def gpt2cube(*args) -> tuple[float, float]:
     """(seconds, peak RSS MB) of one gpt2cube command in its own process."""
-    return run_measured([PY, "-m", "gpt2cube", *map(str, args)])
+    return measured([PY, "-m", "gpt2cube", *args])
 
 
 class Reference:
@@ -75,7 +88,7 @@ class Reference:
 
         z = llama_logits(path, [int(t) for t in w]).astype(np.float64)[self.first : -1]
         z -= z.max(axis=1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return (z - np.log(np.exp(z).sum(axis=1, keepdims=True))).astype(np.float32)
 
     def measure(self, path: Path) -> dict:
         nll, kl, top1 = [], [], []
@@ -83,7 +96,7 @@ class Reference:
             lp = self._logp(path, w)
             tgt = w[self.first + 1 :]
             nll.append(-lp[np.arange(len(tgt)), tgt])
-            kl.append((np.exp(ref) * (ref - lp)).sum(axis=1))
+            kl.append((np.exp(ref.astype(np.float64)) * (ref.astype(np.float64) - lp)).sum(axis=1))
             top1.append(ref.argmax(axis=1) == lp.argmax(axis=1))
         nll, kl, top1 = np.concatenate(nll), np.concatenate(kl), np.concatenate(top1)
         return {"ppl": float(np.exp(nll.mean())), "kl": float(kl.mean()),
@@ -107,14 +120,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=ROOT / "out" / "ptq")
     ap.add_argument("--reference", type=Path, default=ROOT / "models" / "reference")
-    ap.add_argument("--types", nargs="+", default=["q4_0", "q4_k", "q6_k", "tq2_0"])
-    ap.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq", "gptq+imatrix"])
-    ap.add_argument("--ternary-scales", nargs="+", default=["tensor", "row-fit"])
+    ap.add_argument("--types", nargs="*", default=["q4_0", "q4_k", "q6_k", "tq2_0"])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "imatrix", "gptq", "gptq+imatrix", "gptq+ao",
+                                                     "gptq+ao+imatrix"])
+    ap.add_argument("--ternary-scales", nargs="+", default=["tensor", "row", "row-fit"])
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--max-windows", type=int, default=10)
     ap.add_argument("--curve", nargs="*", type=int, default=[])
     ap.add_argument("--embed-types", nargs="*", default=[])
     ap.add_argument("--no-llama-tools", action="store_true")
+    ap.add_argument("--tools-dir", type=Path, default=None, help="where llama-quantize / llama-imatrix are built "
+                    "(cached) [default: WORKDIR]")
     ap.add_argument("--shape-124m", action="store_true")
     a = ap.parse_args()
     if not (BOOKS / EVAL_BOOK).is_file():
@@ -133,8 +149,8 @@ def main() -> None:
     ref = Reference(f16, (BOOKS / EVAL_BOOK).read_text(encoding="utf-8"), 512, a.max_windows)
     rows = [{"type": "f16", "method": "-", **ref.measure(f16), "MB": f16.stat().st_size / 1e6}]
 
-    def add(tag_type: str, method: str, out: Path, extra: list, measured=None) -> None:
-        sec, rss = measured if measured else gpt2cube("convert", a.reference, "-o", out, "--quiet", "--force", *extra)
+    def add(tag_type: str, method: str, out: Path, extra: list, took=None) -> None:
+        sec, rss = took if took else gpt2cube("convert", a.reference, "-o", out, "--quiet", "--force", *extra)
         row = {"type": tag_type, "method": method, **ref.measure(out), "MB": out.stat().st_size / 1e6,
                "seconds": round(sec, 2), "rss_mb": round(rss)}
         rows.append(row)
@@ -147,26 +163,29 @@ def main() -> None:
             tag = f"{t} ({sc})" if sc else t
             sc_args = ["--ternary-scale", sc] if sc else []
             for m in a.methods:
+                if sc and m.startswith("gptq") != (sc == "row-fit"):
+                    continue  # ternary: rtn rows per scale rule; gptq rows with its default, row-fit
                 extra = ["--type", t, *sc_args] + (gptq if m.startswith("gptq") else []) + \
-                        (["--imatrix", imat] if m.endswith("imatrix") else [])
+                        (["--act-order"] if "+ao" in m else []) + (["--imatrix", imat] if m.endswith("imatrix") else [])
                 add(tag, m, w / f"{t}-{sc or 'x'}-{m}.gguf", extra)
     for n in a.curve:
-        add("tq2_0 (row-fit)", f"gptq, {n} tokens", w / f"tq2_0-curve-{n}.gguf",
-            ["--type", "tq2_0", "--ternary-scale", "row-fit", "--method", "gptq", "--calib", calib, "--calib-tokens", str(n)])
+        add("tq2_0 (row-fit)", f"gptq+ao, {n} tokens", w / f"tq2_0-curve-{n}.gguf",
+            ["--type", "tq2_0", "--method", "gptq", "--act-order", "--calib", calib, "--calib-tokens", str(n)])
     for e in a.embed_types:
         add(f"tq2_0 (row-fit), embed {e}", "rtn", w / f"tq2_0-embed-{e}.gguf",
             ["--type", "tq2_0", "--ternary-scale", "row-fit", "--embed-type", e])
 
     if not a.no_llama_tools:
-        quant = build_llama_tool(w, "llama-quantize")
+        tools = a.tools_dir or w
+        quant = build_llama_tool(tools, "llama-quantize")
         llama_imat = None
         try:
-            tool = build_llama_tool(w, "llama-imatrix")
+            tool = build_llama_tool(tools, "llama-imatrix")
             llama_imat = w / "llama-imatrix.gguf"
-            run_measured([str(tool), "-m", str(f16), "-f", str(calib), "-o", str(llama_imat), "-c", "512",
-                          "--chunks", str(a.calib_tokens // 512), "-t", "2", "--no-ppl"])
+            measured([tool, "-m", f16, "-f", calib, "-o", llama_imat, "-c", "512",
+                      "--chunks", str(a.calib_tokens // 512), "-t", "2", "--no-ppl"])
             meta["imatrix_agreement"] = imatrix_agreement(imat, llama_imat)
-        except (subprocess.CalledProcessError, RuntimeError) as e:
+        except RuntimeError as e:
             meta["imatrix_agreement"] = f"llama-imatrix failed: {e}"
             llama_imat = None
         for t in [t for t in a.types if t in LLAMA_TYPE]:
@@ -174,10 +193,8 @@ def main() -> None:
                 if im is None:
                     continue
                 out = w / f"llama-{t}-{tag}.gguf"
-                t0 = time.perf_counter()
-                measured = run_measured([str(quant), "--pure", "--imatrix", str(im), str(f16), str(out), LLAMA_TYPE[t], "2"])
-                add(f"{t}", f"llama-quantize --imatrix ({tag})", out, [], measured)
-                del t0
+                took = measured([quant, "--pure", "--imatrix", im, f16, out, LLAMA_TYPE[t], "2"])
+                add(f"{t}", f"llama-quantize --imatrix ({tag})", out, [], took)
 
     if a.shape_124m:
         src = build_checkpoint(w)

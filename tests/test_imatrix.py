@@ -182,3 +182,22 @@ def test_bad_imatrix_inputs_fail_with_one_line_and_no_file(checkpoints, calib_fi
     assert r.returncode != 0 and "junk.dat" in r.stderr and "Traceback" not in r.stderr
     r = _cli("imatrix", src, "--calib", calib_file, "-o", tmp_path / "y.gguf", "--ctx", "64", "--calib-tokens", "10")
     assert r.returncode != 0 and "--calib-tokens 10" in r.stderr and not (tmp_path / "y.gguf").exists()
+
+
+def test_imatrix_of_a_gguf_file_is_that_of_its_weights(checkpoints, calib_file, tmp_path):
+    """On an f32 GGUF (the checkpoint's weights exactly) the statistic equals the checkpoint's;
+    on a q4_0 file it is that of the stored (rounded) weights, which differ."""
+    src, _ = checkpoints["small"]
+    f32, q4 = tmp_path / "m-f32.gguf", tmp_path / "m-q4.gguf"
+    assert _cli("convert", src, "-o", f32, "--type", "f32", "--quiet").returncode == 0
+    assert _cli("convert", src, "-o", q4, "--type", "q4_0", "--quiet").returncode == 0
+    mats = {}
+    for tag, s in (("ckpt", src), ("f32", f32), ("q4", q4)):
+        out = tmp_path / f"{tag}.imatrix.gguf"
+        r = _cli("imatrix", s, "--calib", calib_file, "-o", out, "--ctx", "64")
+        assert r.returncode == 0, r.stderr
+        mats[tag] = read_imatrix(out)
+    for name in mats["ckpt"].sums:
+        a, b, c = (mats[k].importance(name) for k in ("ckpt", "f32", "q4"))
+        np.testing.assert_allclose(b, a, rtol=1e-4)  # float32 reductions in another order only
+        assert not np.allclose(c, a, rtol=1e-4) and np.isfinite(c).all() and (c > 0).all()

@@ -35,6 +35,7 @@ from ..kernels.base import Grid, QuantType
 from ..kernels.ternary import EPS, ternary_scale
 
 METHODS = ("rtn", "gptq")  # convert --method: round to nearest (the default), error feedback
+GPTQ_TERNARY_SCALE = "row-fit"  # the ternary scale rule --method gptq starts from unless told otherwise
 
 
 @dataclass(frozen=True)

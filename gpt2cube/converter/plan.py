@@ -121,12 +121,13 @@ def plan_types(specs: list[TensorSpec], recipe: Recipe | str) -> tuple[list[Plan
 DEFAULT_TERNARY_SCALE = "tensor"
 
 
-def ternary_scale_for(src: Path, requested: str | None, log: Callable[[str], None]) -> str:
+def ternary_scale_for(src: Path, requested: str | None, log: Callable[[str], None],
+                      default: str = DEFAULT_TERNARY_SCALE) -> str:
     """The ternary scale rule to convert SRC with: the one asked for, else the one a ternary QAT
-    trained it with, else the default; asking for another than QAT's is obeyed with a warning."""
+    trained it with, else `default`; asking for another than QAT's is obeyed with a warning."""
     trained = recorded_ternary_scale(src) if Path(src).is_dir() else None
     if requested is None:
-        return trained or DEFAULT_TERNARY_SCALE
+        return trained or default
     if trained is not None and requested != trained:
         log(f"warning: {src} was quantization-aware trained with --ternary-scale {trained} (finetune.json); "
             f"--ternary-scale {requested} stores other ternary values than it was trained on")
