@@ -163,8 +163,8 @@ def main() -> None:
             tag = f"{t} ({sc})" if sc else t
             sc_args = ["--ternary-scale", sc] if sc else []
             for m in a.methods:
-                if sc and m.startswith("gptq") != (sc == "row-fit"):
-                    continue  # ternary: rtn rows per scale rule; gptq rows with its default, row-fit
+                if sc and m.startswith("gptq") and sc != "row-fit":
+                    continue  # ternary: rtn rows for every scale rule; gptq rows with its default, row-fit
                 extra = ["--type", t, *sc_args] + (gptq if m.startswith("gptq") else []) + \
                         (["--act-order"] if "+ao" in m else []) + (["--imatrix", imat] if m.endswith("imatrix") else [])
                 add(tag, m, w / f"{t}-{sc or 'x'}-{m}.gguf", extra)

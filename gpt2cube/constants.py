@@ -13,7 +13,7 @@ KEY_SOURCE_SHA256 = f"{PREFIX}.source.sha256"        # [str] hex digests, parall
 KEY_OUTPUT_TYPE = f"{PREFIX}.output_type"            # str, the --type asked for (linear layers)
 KEY_EMBED_TYPE = f"{PREFIX}.embed_type"              # str, type asked for embeddings and head
 KEY_RECIPE = f"{PREFIX}.recipe"                      # [str] "pattern=type", when --recipe was given
-KEY_TERNARY_SCALE = f"{PREFIX}.ternary.scale_mode"   # str, tensor | row, when any tensor is ternary
+KEY_TERNARY_SCALE = f"{PREFIX}.ternary.scale_mode"   # str, tensor | row | row-fit, when any tensor is ternary
 KEY_TENSOR_NAMES = f"{PREFIX}.tensor.names"          # [str]
 # Calibrated quantization without training (gpt2cube/calib): convert --method gptq
 KEY_QUANT_METHOD = f"{PREFIX}.quant.method"          # str, gptq (absent: round-to-nearest)
