@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -62,8 +63,8 @@ def measured(cmd: list) -> tuple[float, float]:
     sec = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stderr[-2000:]}")
-    kb = [int(line.split()[1]) for line in r.stderr.splitlines() if line.startswith("__RSS_KB ")]
-    return sec, kb[-1] / 1024
+    kb = re.findall(r"__RSS_KB (\d+)", r.stderr)  # llama-imatrix leaves its last line open: search, not split
+    return sec, int(kb[-1]) / 1024
 
 
 def gpt2cube(*args) -> tuple[float, float]:
