@@ -82,7 +82,8 @@ def main() -> None:
               help="Encoding of the linear layers (attn_qkv, attn_output, ffn_up, ffn_down).")
 @click.option("--embed-type", type=click.Choice(sorted(QUANT_TYPES)), default=None,
               help="Encoding of token/position embeddings and the output head "
-                   "[default: q8_0 for ternary --type, else --type].")
+                   "[default: q6_k for ternary --type (as llama.cpp's TQ files; no measurable cost against q8_0 on "
+                   "the reference), else --type; a `finetune --qat` checkpoint: the type it was trained for].")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
               help="TOML or JSON table of tensor-name glob -> type, applied last (last match wins).")
 @click.option("--ternary-scale", type=click.Choice(TERNARY_SCALES + FITTED_TERNARY_SCALES), default=None,
@@ -137,14 +138,15 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
     Norms and biases always stay f32. Ternary types (tq1_0, tq2_0) apply BitNet b1.58 absmean
     ternarization first; sparsity per tensor is reported."""
     from .converter import convert as run_convert
-    from .converter.plan import DEFAULT_TERNARY_SCALE, Recipe, load_recipe_file, ternary_scale_for
+    from .converter.plan import DEFAULT_TERNARY_SCALE, Recipe, embed_type_for, load_recipe_file, ternary_scale_for
 
     patterns = load_recipe_file(recipe_file) if recipe_file else []
     # GPTQ rounds onto the scale it starts from and absmean starts it far off (reference, tq2_0,
     # --act-order, torch on 6 held-out windows: 7.5x the f16 PPL per tensor, 4.2x per row, 1.19x
     # row-fit), so row-fit is its default
     default_scale = GPTQ_TERNARY_SCALE if method == "gptq" else DEFAULT_TERNARY_SCALE
-    recipe = Recipe(out_type, embed_type, patterns, ternary_scale_for(src, ternary_scale, _log, default_scale), strict)
+    recipe = Recipe(out_type, embed_type_for(src, embed_type), patterns,
+                    ternary_scale_for(src, ternary_scale, _log, default_scale), strict)
     if method == "gptq":
         if calib is None:
             raise click.UsageError("--method gptq needs --calib TEXT (the calibration text its Hessians come from)")

@@ -68,7 +68,7 @@ def _assert_file_holds_qat_values(ckpt: Path, gguf: Path, recipe: Recipe) -> int
 
 
 RECIPES = {
-    "tq2_0": Recipe(linear="tq2_0"),                                   # embeddings q8_0
+    "tq2_0": Recipe(linear="tq2_0"),                                   # embeddings q6_k (the default)
     "tq1_0-row-q4k": Recipe(linear="tq1_0", embed="q4_k", ternary_scale="row"),
     "q4_k": Recipe(linear="q4_k"),
     "q4_0": Recipe(linear="q4_0", embed="q8_0"),
@@ -156,6 +156,15 @@ def test_qat_run_converts_to_the_trained_weights(student, corpus, tmp_path, prom
     gguf = tmp_path / "qat.gguf"
     convert(out, gguf, Recipe(linear="tq2_0", embed="q8_0"), progress=False, log=lambda m: None)
     _assert_file_holds_qat_values(out, gguf, Recipe(linear="tq2_0", embed="q8_0"))
+    # `gpt2cube convert` without --embed-type takes the type QAT trained the embeddings for
+    # (its default for ternary types, q6_k, applies to checkpoints without a QAT record)
+    for src, want in ((out, "q8_0"), (student, "q6_k")):
+        f = tmp_path / f"cli-{want}.gguf"
+        r = CliRunner().invoke(main, ["convert", str(src), "-o", str(f), "--type", "tq2_0", "--quiet"])
+        assert r.exit_code == 0, r.output
+        types = {t.name: t.tensor_type.name for t in GGUFReader(f).tensors}
+        assert types["token_embd.weight"] == want.upper() and types["blk.0.ffn_up.weight"] == "TQ2_0"
+    _assert_file_holds_qat_values(out, tmp_path / "cli-q8_0.gguf", Recipe(linear="tq2_0", embed="q8_0"))
     # the embeddings were frozen under QAT: the latent ones are the student's
     a, b = load_hf_model(out), load_hf_model(student)
     assert torch.equal(a.transformer.wte.weight, b.transformer.wte.weight)

@@ -3,8 +3,9 @@
 Layers of the decision, later ones winning:
   1. norms and biases: always f32 (ggml's norm and add kernels read them as f32);
   2. linear layers (attn_qkv, attn_output, ffn_up, ffn_down): `--type`;
-  3. token/position embeddings and the output head: `--embed-type` (default q8_0 when `--type`
-     is ternary, otherwise `--type`);
+  3. token/position embeddings and the output head: `--embed-type` (default q6_k when `--type`
+     is ternary, as llama.cpp's own TQ files store token_embd, otherwise `--type`; a `finetune
+     --qat` checkpoint converts with the embedding type it was trained for);
   4. `--recipe FILE` patterns (fnmatch globs over GGUF tensor names -> type), file order, last
      match wins; they apply to weight matrices only.
 A row length (ne0) a type cannot hold follows the type's fallback chain (tq*/q4_k -> q4_0 ->
@@ -25,6 +26,10 @@ from ..kernels.ternary import SCALE_MODES
 from .arch import TensorSpec
 
 EMBED_ROLES = ("token_embd", "position_embd", "output")
+# Embeddings and head under ternary linear layers. q6_k keeps our files no larger than llama.cpp's
+# TQ files (token_embd in Q6_K there); on the reference, against q8_0: KL from f16 0.5762 vs
+# 0.5763, PPL 210.07 vs 209.51 (tq2_0 row-fit, benchmarks/ptq.py), 13.73 vs 16.88 MB.
+TERNARY_EMBED_TYPE = "q6_k"
 
 
 @dataclass
@@ -39,7 +44,7 @@ class Recipe:
     def embed_type(self) -> str:
         if self.embed is not None:
             return self.embed
-        return "q8_0" if get_quant_type(self.linear).is_ternary else self.linear
+        return TERNARY_EMBED_TYPE if get_quant_type(self.linear).is_ternary else self.linear
 
 
 @dataclass(frozen=True)
@@ -134,11 +139,21 @@ def ternary_scale_for(src: Path, requested: str | None, log: Callable[[str], Non
     return requested
 
 
-def recorded_ternary_scale(src: Path) -> str | None:
-    """The ternary scale rule a `finetune --qat` checkpoint was trained with (its finetune.json),
-    None when SRC holds no record of a ternary QAT. Converting with another rule would store
-    other values than the training forward pass used, losing what QAT recovered."""
-    path = Path(src) / "finetune.json"
+def embed_type_for(src: Path, requested: str | None) -> str | None:
+    """The embedding type to convert SRC with: the one asked for, else the one a `finetune --qat`
+    checkpoint was trained for (token_embd in its record), else None (the recipe's default)."""
+    if requested is not None or not Path(src).is_dir():
+        return requested
+    record = _finetune_record(Path(src))
+    if record is None or not record["config"].get("qat"):
+        return None
+    trained = (record.get("qat_tensor_types") or {}).get("token_embd.weight")
+    return trained if isinstance(trained, str) and trained in QUANT_TYPES else None
+
+
+def _finetune_record(src: Path) -> dict | None:
+    """A checkpoint's finetune.json, checked to be the object `gpt2cube finetune` writes; None without one."""
+    path = src / "finetune.json"
     if not path.is_file():
         return None
     expected = "expected the JSON object `gpt2cube finetune` writes"
@@ -149,6 +164,18 @@ def recorded_ternary_scale(src: Path) -> str | None:
     config = record.get("config") if isinstance(record, dict) else None
     if not isinstance(config, dict):
         raise InputError(f"{path}: no 'config' object in the fine-tuning record; {expected}")
+    return record
+
+
+def recorded_ternary_scale(src: Path) -> str | None:
+    """The ternary scale rule a `finetune --qat` checkpoint was trained with (its finetune.json),
+    None when SRC holds no record of a ternary QAT. Converting with another rule would store
+    other values than the training forward pass used, losing what QAT recovered."""
+    path = Path(src) / "finetune.json"
+    record = _finetune_record(Path(src))
+    if record is None:
+        return None
+    config = record["config"]
     if not config.get("qat"):
         return None
     # the types QAT trained each tensor for (a recipe may make some ternary under another --qat)
