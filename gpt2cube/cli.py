@@ -82,8 +82,9 @@ def main() -> None:
               help="Encoding of the linear layers (attn_qkv, attn_output, ffn_up, ffn_down).")
 @click.option("--embed-type", type=click.Choice(sorted(QUANT_TYPES)), default=None,
               help="Encoding of token/position embeddings and the output head "
-                   "[default: q6_k for ternary --type (as llama.cpp's TQ files; no measurable cost against q8_0 on "
-                   "the reference), else --type; a `finetune --qat` checkpoint: the type it was trained for].")
+                   "[default: q8_0 for ternary --type (q6_k, as llama.cpp's TQ files, makes them 3 MB smaller at no "
+                   "measurable cost, but the routed engine does not take it yet), else --type; a `finetune --qat` "
+                   "checkpoint: the type it was trained for].")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
               help="TOML or JSON table of tensor-name glob -> type, applied last (last match wins).")
 @click.option("--ternary-scale", type=click.Choice(TERNARY_SCALES + FITTED_TERNARY_SCALES), default=None,

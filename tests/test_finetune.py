@@ -68,7 +68,7 @@ def _assert_file_holds_qat_values(ckpt: Path, gguf: Path, recipe: Recipe) -> int
 
 
 RECIPES = {
-    "tq2_0": Recipe(linear="tq2_0"),                                   # embeddings q6_k (the default)
+    "tq2_0": Recipe(linear="tq2_0"),                                   # embeddings q8_0
     "tq1_0-row-q4k": Recipe(linear="tq1_0", embed="q4_k", ternary_scale="row"),
     "q4_k": Recipe(linear="q4_k"),
     "q4_0": Recipe(linear="q4_0", embed="q8_0"),
@@ -156,15 +156,11 @@ def test_qat_run_converts_to_the_trained_weights(student, corpus, tmp_path, prom
     gguf = tmp_path / "qat.gguf"
     convert(out, gguf, Recipe(linear="tq2_0", embed="q8_0"), progress=False, log=lambda m: None)
     _assert_file_holds_qat_values(out, gguf, Recipe(linear="tq2_0", embed="q8_0"))
-    # `gpt2cube convert` without --embed-type takes the type QAT trained the embeddings for
-    # (its default for ternary types, q6_k, applies to checkpoints without a QAT record)
-    for src, want in ((out, "q8_0"), (student, "q6_k")):
-        f = tmp_path / f"cli-{want}.gguf"
-        r = CliRunner().invoke(main, ["convert", str(src), "-o", str(f), "--type", "tq2_0", "--quiet"])
-        assert r.exit_code == 0, r.output
-        types = {t.name: t.tensor_type.name for t in GGUFReader(f).tensors}
-        assert types["token_embd.weight"] == want.upper() and types["blk.0.ffn_up.weight"] == "TQ2_0"
-    _assert_file_holds_qat_values(out, tmp_path / "cli-q8_0.gguf", Recipe(linear="tq2_0", embed="q8_0"))
+    # `gpt2cube convert` without --embed-type stores what QAT trained (the recorded embedding type)
+    f = tmp_path / "cli.gguf"
+    r = CliRunner().invoke(main, ["convert", str(out), "-o", str(f), "--type", "tq2_0", "--quiet"])
+    assert r.exit_code == 0, r.output
+    _assert_file_holds_qat_values(out, f, Recipe(linear="tq2_0", embed="q8_0"))
     # the embeddings were frozen under QAT: the latent ones are the student's
     a, b = load_hf_model(out), load_hf_model(student)
     assert torch.equal(a.transformer.wte.weight, b.transformer.wte.weight)
@@ -429,3 +425,19 @@ def test_shipped_ternary_model_beats_plain_ternarization(tmp_path):
     recovered = llama_perplexity(SHIPPED, text, 512, max_windows=4).ppl
     as_converted = llama_perplexity(plain, text, 512, max_windows=4).ppl
     assert recovered < 0.7 * as_converted, (recovered, as_converted)
+
+
+def test_convert_takes_the_embedding_type_a_qat_record_names(tmp_path):
+    from gpt2cube.converter.plan import embed_type_for
+
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    assert embed_type_for(d, None) is None  # no record: the recipe's default
+    (d / "finetune.json").write_text(json.dumps({"config": {"qat": "tq2_0"},
+                                                 "qat_tensor_types": {"token_embd.weight": "q4_k"}}))
+    assert embed_type_for(d, None) == "q4_k" and embed_type_for(d, "q6_k") == "q6_k"
+    (d / "finetune.json").write_text(json.dumps({"config": {"qat": None}}))
+    assert embed_type_for(d, None) is None  # fine-tuned without QAT: nothing to keep
+    (d / "finetune.json").write_text("[1]")
+    with pytest.raises(InputError, match="finetune.json: no 'config' object"):
+        embed_type_for(d, None)

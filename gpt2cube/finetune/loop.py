@@ -24,7 +24,6 @@ from typing import Callable
 
 from ..converter.plan import Recipe
 from ..errors import InputError
-from ..kernels import get_quant_type
 from ..models import check_checkpoint_out, load_gpt2_checkpoint, save_checkpoint
 from ..tokenizers import hf_tokenizer
 from ..loop.core import Job, LoopConfig, check_launch, micro_batch, run
@@ -48,13 +47,6 @@ TASK_DEFAULTS = {
 # trains them (fake-quantized every step): stratified test F1 answering 0.9375 against 0.9016 frozen,
 # tq2_0 with q8_0 embeddings, the spam defaults, same seed (README, Recovery)
 QAT_FREEZES_EMBEDDINGS = {"lm": True, "spam": False}
-# QAT's embeddings under ternary linear layers stay q8_0 (what the recovery figures were measured
-# with; convert's own default is q6_k, and it converts a QAT checkpoint with the type recorded here).
-QAT_TERNARY_EMBED_TYPE = "q8_0"
-
-
-def qat_embed_default(qat: str | None) -> str | None:
-    return QAT_TERNARY_EMBED_TYPE if qat and get_quant_type(qat).is_ternary else None
 # settings that may change on --resume without changing what is trained
 RESUMABLE_CHANGES = {"stop_at", "device", "out", "micro_batch", "dist_timeout"}
 # settings added after runs were recorded, with the value that reproduces what such runs did
@@ -300,7 +292,7 @@ def _setup(cfg: FinetuneConfig, resume: bool, force: bool, world, device: str, l
     if cfg.distill:
         teacher, _ = load_gpt2_checkpoint(Path(cfg.distill), "teacher")
         _check_teacher(teacher, model, Path(cfg.distill), ctx)
-    recipe = Recipe(linear=cfg.qat, embed=cfg.embed_type or qat_embed_default(cfg.qat), patterns=list(cfg.recipe),
+    recipe = Recipe(linear=cfg.qat, embed=cfg.embed_type, patterns=list(cfg.recipe),
                     ternary_scale=cfg.ternary_scale, strict=cfg.strict) if cfg.qat else None
 
     device = device_for(world, device)
