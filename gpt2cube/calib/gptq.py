@@ -120,27 +120,35 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, qtype: type[QuantType], *,
 
     # static groups under act-order: every grid from the original weights, before any update
     grids = {g: grid_of(g, W[:, g * bs : (g + 1) * bs]) for g in range(cols // bs)} if opts.act_order else {}
-    W = W[:, perm]
-    codes = np.zeros((rows, cols), dtype=np.int32)  # in original column order
+    # Column-major from here (Wt[j] is input column j over all rows, contiguous): every column
+    # read and every update below touches contiguous memory (2x faster than strided columns).
+    Wt = np.ascontiguousarray(W[:, perm].T)
+    codes_t = np.zeros((cols, rows), dtype=np.int32)  # in original column order
+    columns: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # group -> its grid's step, zero, column-major
     batch = max(bs, -(-opts.block // bs) * bs)
     for i1 in range(0, cols, batch):
         i2 = min(i1 + batch, cols)
-        W1 = W[:, i1:i2]  # a view: updated in place
-        err1 = np.zeros((rows, i2 - i1), dtype=np.float32)
+        B = Wt[i1:i2]  # a view: updated in place
+        err = np.zeros((i2 - i1, rows), dtype=np.float32)
         U1 = upper[i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = int(perm[i1 + i])
             g, col = divmod(c, bs)
             if g not in grids:  # dynamic groups: the block's columns are consecutive and up to date here
-                grids[g] = grid_of(g, W1[:, i : i + bs])
-            wcol = W1[:, i]
-            k = grids[g].codes(wcol[:, None], slice(col, col + 1))[:, 0]
-            q = grids[g].values(k[:, None], slice(col, col + 1))[:, 0]
-            codes[:, c] = k
-            e = (wcol - q) / U1[i, i]
-            W1[:, i:] -= np.outer(e, U1[i, i:])
-            err1[:, i] = e
-        W[:, i2:] -= err1 @ upper[i1:i2, i2:]
+                grids[g] = grid_of(g, B[i : i + bs].T)
+            if g not in columns:
+                columns[g] = (np.ascontiguousarray(grids[g].step.T), np.ascontiguousarray(grids[g].zero.T))
+            step, zero = columns[g][0][col], columns[g][1][col]
+            wcol = B[i]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                k = np.rint((wcol - zero) / step)
+            k = np.clip(np.where(step == 0, grids[g].kmin, k), grids[g].kmin, grids[g].kmax)  # as Grid.codes
+            codes_t[c] = k
+            e = (wcol - (step * k + zero)) / U1[i, i]
+            B[i:] -= np.outer(U1[i, i:], e)
+            err[i] = e
+        Wt[i2:] -= upper[i1:i2, i2:].T @ err
+    codes = codes_t.T
     stats: dict = {"method": "gptq"}
     if qtype.is_ternary:
         t = (codes - 1).astype(np.int8)
