@@ -58,6 +58,18 @@ def print_report(rows: list[dict], meta: dict, json_path: Path | None) -> None:
 
 PY = sys.executable
 
+# The shared data and the reference model's held-out books (models/reference/TRAINING.md).
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+BOOKS = DATA / "gutenberg" / "books"
+EVAL_BOOK = "pg35.txt"
+VALIDATION = ["pg1661.txt", "pg768.txt", "pg1952.txt"]
+
+
+def calibration_files() -> list[Path]:
+    """The reference's training books: every book but the evaluation and validation ones, sorted."""
+    held = {EVAL_BOOK, *VALIDATION}
+    return sorted(p for p in BOOKS.glob("*.txt") if p.name not in held)
+
 
 def build_checkpoint(workdir: Path) -> Path:
     """Built in a child process: a child's peak RSS includes its parent's image at fork time, so

@@ -37,17 +37,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import interleaved_medians  # noqa: E402
-DATA = ROOT.parent / "shared" / "data"
-BOOKS = DATA / "gutenberg" / "books"
-EVAL_BOOK = "pg35.txt"
-VALIDATION = ["pg1661.txt", "pg768.txt", "pg1952.txt"]
+from _common import BOOKS, DATA, EVAL_BOOK, VALIDATION, calibration_files, interleaved_medians  # noqa: E402
 SPAM = DATA / "sms_spam" / "SMSSpamCollection"
-
-
-def calibration_files() -> list[Path]:
-    held = {EVAL_BOOK, *VALIDATION}
-    return sorted(p for p in BOOKS.glob("*.txt") if p.name not in held)
 
 
 def params_of(ckpt: Path) -> int:

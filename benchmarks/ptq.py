@@ -38,18 +38,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import PY, build_checkpoint, build_llama_tool, print_report  # noqa: E402
+from _common import (BOOKS, EVAL_BOOK, PY, build_checkpoint, build_llama_tool, calibration_files,  # noqa: E402
+                     print_report)
 
-DATA = ROOT.parent / "shared" / "data"
-BOOKS = DATA / "gutenberg" / "books"
-EVAL_BOOK = "pg35.txt"
-VALIDATION = ["pg1661.txt", "pg768.txt", "pg1952.txt"]
 LLAMA_TYPE = {"q4_0": "Q4_0", "q4_k": "Q4_K", "q6_k": "Q6_K"}  # llama-quantize type names
 
 
 def calibration_text(out: Path, books: int = 12, chars: int = 60_000) -> Path:
-    held = {EVAL_BOOK, *VALIDATION}
-    files = sorted(p for p in BOOKS.glob("*.txt") if p.name not in held)[:books]
+    files = calibration_files()[:books]
     out.write_text("\n\n".join(p.read_text(encoding="utf-8")[:chars] for p in files), encoding="utf-8")
     return out
 

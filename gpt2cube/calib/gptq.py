@@ -124,7 +124,6 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, qtype: type[QuantType], *,
     # read and every update below touches contiguous memory (2x faster than strided columns).
     Wt = np.ascontiguousarray(W[:, perm].T)
     codes_t = np.zeros((cols, rows), dtype=np.int32)  # in original column order
-    columns: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # group -> its grid's step, zero, column-major
     batch = max(bs, -(-opts.block // bs) * bs)
     for i1 in range(0, cols, batch):
         i2 = min(i1 + batch, cols)
@@ -136,15 +135,10 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, qtype: type[QuantType], *,
             g, col = divmod(c, bs)
             if g not in grids:  # dynamic groups: the block's columns are consecutive and up to date here
                 grids[g] = grid_of(g, B[i : i + bs].T)
-            if g not in columns:
-                columns[g] = (np.ascontiguousarray(grids[g].step.T), np.ascontiguousarray(grids[g].zero.T))
-            step, zero = columns[g][0][col], columns[g][1][col]
             wcol = B[i]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                k = np.rint((wcol - zero) / step)
-            k = np.clip(np.where(step == 0, grids[g].kmin, k), grids[g].kmin, grids[g].kmax)  # as Grid.codes
+            k, q = grids[g].round_column(wcol, col)
             codes_t[c] = k
-            e = (wcol - (step * k + zero)) / U1[i, i]
+            e = (wcol - q) / U1[i, i]
             B[i:] -= np.outer(U1[i, i:], e)
             err[i] = e
         Wt[i2:] -= upper[i1:i2, i2:].T @ err

@@ -145,9 +145,6 @@ class GptqBuild:
     calibration: dict
     cfg: GptqConvert
 
-    def permute(self, gguf_name: str, data: np.ndarray) -> np.ndarray:
-        return data
-
     def encoded(self, gguf_name: str) -> tuple[np.ndarray, dict] | None:
         """The bytes GPTQ wrote for this tensor (handed over once), or None: the converter encodes it."""
         return self.encoded_tensors.pop(gguf_name, None)

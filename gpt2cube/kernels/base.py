@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -174,16 +174,28 @@ class Grid:
     kmin: int
     kmax: int
     pack: Callable[[np.ndarray], np.ndarray]
+    _cols: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)  # step, zero transposed
 
     def codes(self, x: np.ndarray, cols: slice | int = slice(None)) -> np.ndarray:
         """Nearest codes for x at columns `cols` of the group (a zero step stores `zero` alone: code kmin)."""
-        step, zero = self.step[:, cols], self.zero[:, cols]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            k = np.rint((x - zero) / step)
-        return np.clip(np.where(step == 0, self.kmin, k), self.kmin, self.kmax)
+        return self._nearest(x, self.step[:, cols], self.zero[:, cols])
 
     def values(self, k: np.ndarray, cols: slice | int = slice(None)) -> np.ndarray:
         return self.step[:, cols] * k + self.zero[:, cols]
+
+    def round_column(self, w: np.ndarray, col: int) -> tuple[np.ndarray, np.ndarray]:
+        """(codes, values) of one column w (rows,) at column `col`: `codes` and `values` for a
+        single column, reading contiguous copies of the block parameters (made on first use)."""
+        if self._cols is None:
+            self._cols = (np.ascontiguousarray(self.step.T), np.ascontiguousarray(self.zero.T))
+        step, zero = self._cols[0][col], self._cols[1][col]
+        k = self._nearest(w, step, zero)
+        return k, step * k + zero
+
+    def _nearest(self, x: np.ndarray, step: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            k = np.rint((x - zero) / step)
+        return np.clip(np.where(step == 0, self.kmin, k), self.kmin, self.kmax)
 
 
 def per_block(v: np.ndarray, rows: int, n: int) -> np.ndarray:
