@@ -9,7 +9,9 @@ Writes DIR/progression.{json,md,png}.
 --stage matched: every model trained here on the same training books with the same token budget
 (--budget) and window (--train-ctx): unigram and modified-KN 5-gram (on the budget's tokens and on
 all of them), Bengio FFNN, Elman RNN, LSTM (`gpt2cube baseline neural`), and the GPT-2 variants of
-`gpt2cube train --pos ... [--parallel] [--attention linformer] [--duo-predict] [--drift-diffusion S]`
+`gpt2cube train --pos ... [--parallel-residual] [--attention linformer] [--alternate-direction]
+[--residual-diffusion S]` and the seed's four (`--drift-diffusion [PARTS]`, `--parallel mean|concat|add`,
+`--duo-predict [--duo-loss original]`, `--pos rotating [--rotating-freqs gp] [--rotating-norm]`)
 at one shape (--shape LxExH), non-embedding parameters
 matched within about 20 %. Held-out PPL with its standard error (PyTorch, the same windows for
 every row; plus llama.cpp on the f16 file where the variant converts), parameters, training
@@ -20,7 +22,7 @@ skips rows already saved there (--redo measures them again), so the table can be
 runs of one or a few --rows each; the table DIR/matched.{json,md,png} is written from every saved
 row, in the order of MATCHED_ROWS. Each row is what this command runs:
 
-    gpt2cube train --corpus BOOKS --holdout ... --pos P [--parallel] [...] --n-layer L --n-embd E --n-head H \
+    gpt2cube train --corpus BOOKS --holdout ... --pos P [--parallel-residual] [...] --n-layer L --n-embd E --n-head H \
         --ctx C --tokens B --batch-size 8 --lr 2e-3 --warmup-steps 50
     gpt2cube baseline neural --model ffnn|rnn|lstm --train BOOKS --exclude ... --tokens B --ctx C ...
 
@@ -130,7 +132,7 @@ def main() -> None:
     print("\n".join(table))
 
 
-# label -> ("gpt", train --pos/--parallel) | ("neural", baseline neural options) | ("ngram", order, budget-only)
+# label -> ("gpt", VariantSpec fields: train's options) | ("neural", baseline neural options) | ("ngram", order, budget-only)
 MATCHED_ROWS: dict[str, tuple] = {
     "unigram": ("ngram", 1, False),
     "modified KN 5-gram (budget tokens)": ("ngram", 5, True),
@@ -142,15 +144,27 @@ MATCHED_ROWS: dict[str, tuple] = {
     "GPT-2 sinusoidal": ("gpt", {"pos": "sinusoidal"}),
     "GPT-2 RoPE": ("gpt", {"pos": "rope"}),
     "GPT-2 RoPE, 1/4 of head dims": ("gpt", {"pos": "rope", "rope_fraction": 0.25}),
-    "GPT-2 RoPE, parallel blocks": ("gpt", {"pos": "rope", "parallel": True}),
+    "GPT-2 RoPE, parallel residual blocks": ("gpt", {"pos": "rope", "parallel_residual": True}),
     "GPT-2 ALiBi": ("gpt", {"pos": "alibi"}),
     "GPT-2 no positions": ("gpt", {"pos": "none"}),
     "GPT-2 KERPLE": ("gpt", {"pos": "kerple"}),
     "GPT-2 FIRE": ("gpt", {"pos": "fire"}),
-    "GPT-2 head-rotating RoPE": ("gpt", {"pos": "rotating"}),
+    "GPT-2 RoPE, per-head wavelengths (rope-spread)": ("gpt", {"pos": "rope-spread"}),
     "GPT-2 causal Linformer (block 32, k 8)": ("gpt", {"attention": "linformer", "linformer_block": 32, "linformer_k": 8}),
-    "GPT-2 duo-predict": ("gpt", {"duo_predict": True}),
-    "GPT-2 drift-diffusion (sigma 0.1)": ("gpt", {"diffusion_sigma": 0.1}),
+    "GPT-2 alternate-direction": ("gpt", {"alternate_direction": True}),
+    "GPT-2 residual diffusion (sigma 0.1)": ("gpt", {"residual_diffusion": 0.1}),
+    # the seed's four variants (shiva-upsurge/parallel_transformer d868f70), as its code defines them
+    "GPT-2 drift-diffusion (drift, diffusion, baseline)": ("gpt", {"drift_diffusion": "drift,diffusion,baseline"}),
+    "GPT-2 drift only (with baseline)": ("gpt", {"drift_diffusion": "drift,baseline"}),
+    "GPT-2 parallel paths (mean)": ("gpt", {"parallel_paths": "mean"}),
+    "GPT-2 parallel paths (concat)": ("gpt", {"parallel_paths": "concat"}),
+    "GPT-2 parallel paths (add)": ("gpt", {"parallel_paths": "add"}),
+    "GPT-2 duo-predict (intended loss)": ("gpt", {"duo_predict": True}),
+    "GPT-2 duo-predict (the seed's loss alignment)": ("gpt", {"duo_predict": True, "duo_loss": "original"}),
+    "GPT-2 rotating heads (lr)": ("gpt", {"pos": "rotating"}),
+    "GPT-2 rotating heads (lr, norm)": ("gpt", {"pos": "rotating", "rotating_norm": True}),
+    "GPT-2 rotating heads (gp)": ("gpt", {"pos": "rotating", "rotating_freqs": "gp"}),
+    "GPT-2 rotating heads (gp, norm)": ("gpt", {"pos": "rotating", "rotating_freqs": "gp", "rotating_norm": True}),
 }
 
 
@@ -261,7 +275,11 @@ def _matched_row(args, label, kind, opt, C, W, held_text, held_tokens, train_fil
                           variant={} if spec.is_plain_gpt2 else {**vars(spec)})
     summary = train(cfg, progress=False, log=lambda m: None)
     n_params = summary["parameters"]
-    emb = 50257 * n_embd + (C * n_embd if kind == "gpt" and opt[0].get("pos", "learned") == "learned" else 0)
+    emb = 50257 * n_embd
+    if kind == "gpt":  # a learned position table and duo-predict's mask-token row are embeddings too
+        from gpt2cube.variants.spec import POSITIONS
+
+        emb += (C if POSITIONS[spec.pos].table == "learned" else 0) * n_embd + (n_embd if spec.duo_predict else 0)
     r = hf_perplexity(out, held_text, C, max_windows=W)
     row.update({"parameters": n_params, "non_embedding_parameters": n_params - emb,
                 "train_tokens": summary["tokens"], "train_tok_s": summary["tokens_per_s"],

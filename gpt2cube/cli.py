@@ -22,7 +22,8 @@ from .kernels.ternary import FITTED_SCALE_MODES as FITTED_TERNARY_SCALES
 from .kernels.ternary import SCALE_MODES as TERNARY_SCALES
 from .train.ngram import METHODS as NGRAM_METHODS
 from .train.trainer import PRESETS  # light: torch is imported only when training starts
-from .variants.spec import ATTENTIONS, NEURAL_KINDS, POSITIONS
+from .variants.spec import (ATTENTIONS, DUO_LOSSES, NEURAL_KINDS, PARALLEL_PATHS, POSITIONS,
+                             ROTATING_FREQS)
 
 PRECISION_HELP = ("Compute precision: bf16 autocast (fp32 master weights) or fp32; auto = bf16 where it is native "
                   "(CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32.")
@@ -554,21 +555,42 @@ def build() -> None:
 @click.option("--pos", type=click.Choice(list(POSITIONS)), default="learned", show_default=True,
               help="Position scheme: " + "; ".join(f"{p.name}: {p.summary}" + (
                   f" (llama.cpp: {p.llama_arch})" if p.llama_arch else " (PyTorch only)") for p in POSITIONS.values()))
-@click.option("--rope-fraction", type=float, default=None, help="rope/rotating: share of each head's dimensions "
+@click.option("--rope-fraction", type=float, default=None, help="rope/rope-spread: share of each head's dimensions "
               "that rotate (rounded down to even) [default: 1].")
-@click.option("--rope-base", type=float, default=None, help="rope/rotating: frequency base [default: 10000].")
-@click.option("--parallel", is_flag=True, help="Parallel blocks: x + attn(ln(x)) + mlp(ln(x)) from one LayerNorm "
-              "(llama.cpp runs them with --pos rope, as gptneox).")
+@click.option("--rope-base", type=float, default=None, help="rope/rope-spread: frequency base [default: 10000].")
+@click.option("--rotating-freqs", type=click.Choice(list(ROTATING_FREQS)), default=None,
+              help="rotating: lr (learned H x D/2 frequencies per layer, N(0,1) init) or gp (fixed "
+                   "10^(-h/(H-1)) 10000^(-2i/D)) [default: lr].")
+@click.option("--rotating-norm", is_flag=True, help="rotating: a LayerNorm over each head's frequencies.")
+@click.option("--parallel", "parallel_paths", type=click.Choice(list(PARALLEL_PATHS)), is_flag=False,
+              flag_value="mean", default=None,
+              help="Parallel paths (the seed's parallel GPT-2): stage k runs blocks 2k and 2k+1 on the same input "
+                   "and merges them by mean [the value without one], add, or concat (one shared Linear 2E -> E); "
+                   "n_layer even; PyTorch only.")
+@click.option("--parallel-residual", is_flag=True, help="Parallel residual blocks: x + attn(ln(x)) + mlp(ln(x)) from "
+              "one LayerNorm (GPT-J; llama.cpp runs them with --pos rope, as gptneox).")
 @click.option("--attention", type=click.Choice(list(ATTENTIONS)), default="full", show_default=True,
               help="; ".join(f"{a.name}: {a.summary}" + (" (PyTorch only)" if a.why_not else "")
                              for a in ATTENTIONS.values()))
 @click.option("--linformer-block", type=int, default=None, help="linformer: keys per compressed block [default: 32].")
 @click.option("--linformer-k", type=int, default=None,
               help="linformer: learned mixtures each earlier block is projected to [default: 8].")
-@click.option("--duo-predict", is_flag=True, help="Train reading left to right and right to left in alternation "
-              "(the window reversed for every other sequence), a learned direction embedding saying which; "
-              "evaluated and generated left to right (PyTorch only).")
-@click.option("--drift-diffusion", "diffusion_sigma", type=float, default=0.0, show_default=True, metavar="SIGMA",
+@click.option("--duo-predict", is_flag=True, help="Duo-predict (the seed's): a <|MASK|> token after every real token, "
+              "sharing its position; masks see the tokens around the one they stand for; one loss over both "
+              "(see --duo-loss). The real tokens alone are the causal LM that converts (vocabulary + 1).")
+@click.option("--duo-loss", type=click.Choice(list(DUO_LOSSES)), default=None,
+              help="duo-predict: intended (real x_k -> x_{k+1}, mask M_k -> x_k) or original (the seed's committed "
+                   "loss: x_k -> x_k, M_k -> x_{k+2}) [default: intended].")
+@click.option("--alternate-direction", is_flag=True, help="Train reading left to right and right to left in "
+              "alternation (the window reversed for every other sequence), a learned direction embedding saying "
+              "which; evaluated and generated left to right (PyTorch only).")
+@click.option("--drift-diffusion", "drift_diffusion", is_flag=False, flag_value="drift,diffusion,baseline",
+              default=None, metavar="[PARTS]",
+              help="Drift-diffusion (the seed's) on each head's attention output before c_proj: learned H x D drift d, "
+                   "baseline beta, diffusion s; a' = a + sigmoid(d)(a - beta), + s * N(0,1) in training only. "
+                   "PARTS: a comma list of drift, diffusion, baseline [all three without a value]. Converts "
+                   "(the drift folds into attn_output).")
+@click.option("--residual-diffusion", type=float, default=0.0, show_default=True, metavar="SIGMA",
               help="Train the residual stream as a drift-diffusion path: after each of the L blocks add Gaussian "
                    "noise of std SIGMA * rms(x) / sqrt(L) (training only; the file is the drift path, which "
                    "converts as its --pos does). 0: off.")
@@ -577,10 +599,12 @@ def build() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @_fail_cleanly
 def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size, lr, warmup_steps, eval_every,
-          holdout, seed, device, threads, precision, stop_at, resume, pos, rope_fraction, rope_base, parallel,
-          attention, linformer_block, linformer_k, duo_predict, diffusion_sigma, micro_batch, fsdp, dist_timeout,
+          holdout, seed, device, threads, precision, stop_at, resume, pos, rope_fraction, rope_base, rotating_freqs,
+          rotating_norm, parallel_paths, parallel_residual, attention, linformer_block, linformer_k, duo_predict,
+          duo_loss, alternate_direction, drift_diffusion, residual_diffusion, micro_batch, fsdp, dist_timeout,
           quiet, as_json) -> None:
-    """Train a GPT-2 (or a variant: --pos, --parallel, --attention, --duo-predict, --drift-diffusion)
+    """Train a GPT-2 (or a variant: --pos, --parallel, --parallel-residual, --attention, --duo-predict,
+    --alternate-direction, --drift-diffusion, --residual-diffusion)
     from scratch and write a Hugging Face-style checkpoint. Plain GPT-2 is transformers'
     GPT2LMHeadModel; variants are gpt2cube's own torch model with GPT-2's tensor names, which
     `convert` writes to the llama.cpp architecture that computes them exactly (sinusoidal: gpt2,
@@ -593,9 +617,13 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
     from .variants.spec import VariantSpec
 
     options = {k: v for k, v in (("rope_fraction", rope_fraction), ("rope_base", rope_base),
-                                 ("linformer_block", linformer_block), ("linformer_k", linformer_k)) if v is not None}
-    spec = VariantSpec(pos=pos, parallel=parallel, attention=attention, duo_predict=duo_predict,
-                       diffusion_sigma=diffusion_sigma, **options)
+                                 ("linformer_block", linformer_block), ("linformer_k", linformer_k),
+                                 ("rotating_freqs", rotating_freqs), ("duo_loss", duo_loss),
+                                 ("parallel_paths", parallel_paths), ("drift_diffusion", drift_diffusion))
+               if v is not None}
+    spec = VariantSpec(pos=pos, parallel_residual=parallel_residual, attention=attention, duo_predict=duo_predict,
+                       alternate_direction=alternate_direction, residual_diffusion=residual_diffusion,
+                       rotating_norm=rotating_norm, **options)
     variant = {} if spec.is_plain_gpt2 else asdict(spec)
 
     shape = dict(zip(("n_layer", "n_embd", "n_head", "ctx"), PRESETS[preset or "reference"]))

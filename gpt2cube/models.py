@@ -103,7 +103,7 @@ def checkpoint_model(ckpt: Checkpoint, arch: Architecture):
     config = dict(n_layer=arch.n_layer, n_embd=arch.n_embd, n_head=arch.n_head, n_positions=arch.n_ctx,
                   n_inner=arch.n_ff, vocab_size=arch.n_vocab, layer_norm_epsilon=arch.eps,
                   activation_function=ckpt.config.get("activation_function", "gelu_new"), tie_word_embeddings=arch.tied)
-    return hf_gpt2(config, arch.tensor_specs(), lambda spec: ckpt.load(spec.src_name))
+    return hf_gpt2(config, arch.tensor_specs(), arch.load)
 
 
 def load_hf_model(model_dir: Path):

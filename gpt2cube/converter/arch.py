@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 from gguf import GGUFWriter
 
 from ..errors import CorruptCheckpoint, InputError, ShapeMismatch, UnsupportedArchitecture
@@ -56,6 +57,11 @@ class Architecture:
 
     def write_hparams(self, writer: GGUFWriter) -> None:
         raise NotImplementedError
+
+    def load(self, spec: TensorSpec) -> np.ndarray:
+        """The tensor `spec` is written from, in the checkpoint's layout (before `spec.transpose`);
+        an architecture whose GGUF tensors are derived from several checkpoint tensors overrides it."""
+        return self.ckpt.load(spec.src_name)
 
 
 def arch_for(ckpt: Checkpoint) -> Architecture:
@@ -201,12 +207,13 @@ class GPT2(Architecture):
                     f"vocab_size={self.n_vocab}) implies {list(want)}"
                 )
         used = {s.src_name for s in specs}
-        ignorable = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not weights
-        extra = sorted(
-            n for n in names - used if not n.endswith(ignorable) and not (n == "lm_head.weight" and self.tied)
-        )
+        extra = sorted(n for n in names - used if not self._ignorable(n) and not (n == "lm_head.weight" and self.tied))
         if extra:
             self.warnings.append(f"{self.ckpt.path}: ignoring {len(extra)} unexpected tensor(s): {', '.join(extra[:8])}")
+
+    def _ignorable(self, name: str) -> bool:
+        """A checkpoint tensor that is no GGUF tensor by design (not worth a warning)."""
+        return name.endswith((".attn.bias", ".attn.masked_bias"))  # causal-mask buffers, not weights
 
     def write_hparams(self, writer: GGUFWriter) -> None:
         writer.add_context_length(self.n_ctx)
@@ -234,15 +241,44 @@ class GPT2Variant(GPT2):
                                           "evaluate it in PyTorch (eval perplexity --hf)")
         self.gguf_arch = target
         super().__init__(ckpt)
-        if self.spec.pos in ("rope", "rotating"):
+        if self.spec.pos == "rope":  # the only rotary scheme llama_target lets through
             self.n_rot = self.spec.rotary_dims(self.n_embd // self.n_head)
+
+    def _ignorable(self, name: str) -> bool:
+        # drift-diffusion: the drift (and baseline) fold into attn_output (load); the diffusion is training-only
+        return super()._ignorable(name) or ".attn.dd_" in name
+
+    def load(self, spec: TensorSpec) -> np.ndarray:
+        """Drift-diffusion folded into attn_output: the head outputs a' = (1 + g) a - g beta with
+        g = sigmoid(d) per (head, dim), so c_proj (HF Conv1D, y = a' W + b) becomes
+        W' = diag(1 + g) W and b' = b - (g beta) W; exact, in float64."""
+        data = super().load(spec)
+        if "drift" not in self.spec.dd_parts or not spec.src_name.endswith((".attn.c_proj.weight", ".attn.c_proj.bias")):
+            return data
+        attn = spec.src_name.rsplit(".c_proj.", 1)[0]
+        g = 1.0 / (1.0 + np.exp(-self._dd(f"{attn}.dd_drift")))  # [E] in head-major order, as the heads concatenate
+        if spec.src_name.endswith(".weight"):
+            return ((1.0 + g)[:, None] * data.astype(np.float64)).astype(np.float32)
+        if "baseline" not in self.spec.dd_parts:
+            return data
+        w = self.ckpt.load(f"{attn}.c_proj.weight").astype(np.float64)
+        return (data.astype(np.float64) - (g * self._dd(f"{attn}.dd_baseline")) @ w).astype(np.float32)
+
+    def _dd(self, name: str) -> np.ndarray:
+        want = (self.n_head, self.n_embd // self.n_head)
+        if name not in set(self.ckpt.names()):
+            raise CorruptCheckpoint(f"{self.ckpt.path}: tensor {name!r} is missing (variant {self.spec.describe()})")
+        if tuple(self.ckpt.shape(name)) != want:
+            raise ShapeMismatch(f"{self.ckpt.path}: tensor {name!r} has shape {list(self.ckpt.shape(name))}; "
+                                f"expected {list(want)} (n_head x head size)")
+        return self.ckpt.load(name).astype(np.float64).reshape(-1)
 
     def tensor_specs(self) -> list[TensorSpec]:
         if self.gguf_arch == "gpt2":
             return super().tensor_specs()
         specs = [s for s in self.specs_for(self.n_layer, self.n_embd, self.n_ff, self.n_vocab, self.n_ctx, True,
                                            self.prefix) if s.role != "position_embd"]
-        if self.spec.parallel:  # one LayerNorm feeds attention and MLP: llama.cpp's ffn_norm is a copy of it
+        if self.spec.parallel_residual:  # one LayerNorm feeds attention and MLP: llama.cpp's ffn_norm is a copy of it
             specs = [TensorSpec(s.gguf_name, s.src_name.replace(".ln_2.", ".ln_1."), s.shape, s.transpose, s.role)
                      for s in specs]
         if self.gguf_arch == "gptneox" or not self.tied:  # gptneox requires output.weight; mpt ties when absent
@@ -256,6 +292,6 @@ class GPT2Variant(GPT2):
         if self.gguf_arch == "gptneox":
             writer.add_rope_dimension_count(self.n_rot)
             writer.add_rope_freq_base(self.spec.rope_base)
-            writer.add_parallel_residual(self.spec.parallel)
+            writer.add_parallel_residual(self.spec.parallel_residual)
         elif self.gguf_arch == "mpt" and self.spec.pos == "alibi":
             writer.add_max_alibi_bias(self.spec.alibi_max_bias)

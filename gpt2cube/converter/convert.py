@@ -161,7 +161,7 @@ def convert(
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        ternary = _write_tensors(writer, ckpt, planned, recipe, progress, cube.permute if cube else None, importance,
+        ternary = _write_tensors(writer, arch, planned, recipe, progress, cube.permute if cube else None, importance,
                                  pre.encoded if pre is not None else None)
         writer.close()
         os.replace(tmp, out)
@@ -206,7 +206,7 @@ def _importance_for(imatrix, planned: list[PlannedTensor]) -> dict[str, np.ndarr
     return {name: imatrix.checked(name, p.spec.shape[-1]) for name, p in linear.items() if p.qtype.takes_importance}
 
 
-def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTensor], recipe: Recipe,
+def _write_tensors(writer: GGUFWriter, arch: Architecture, planned: list[PlannedTensor], recipe: Recipe,
                    progress: bool, transform: Callable[[str, np.ndarray], np.ndarray] | None = None,
                    importance: dict[str, np.ndarray] | None = None,
                    encoded_by: Callable[[str], tuple[np.ndarray, dict] | None] | None = None) -> dict[str, dict]:
@@ -229,13 +229,13 @@ def _write_tensors(writer: GGUFWriter, ckpt: Checkpoint, planned: list[PlannedTe
                     stats[p.spec.gguf_name] = info
                 bar.update(p.nbytes)
                 continue
-            data = ckpt.load(p.spec.src_name)
+            data = arch.load(p.spec)
             if p.spec.transpose:
                 data = data.T
             if transform is not None:
                 data = transform(p.spec.gguf_name, data)
             if data.shape != p.spec.shape:
-                raise ShapeMismatch(f"{ckpt.path}: tensor {p.spec.src_name} has shape {list(data.shape)} after loading; "
+                raise ShapeMismatch(f"{arch.ckpt.path}: tensor {p.spec.src_name} has shape {list(data.shape)} after loading; "
                                     f"expected {list(p.spec.shape)}")
             imp = importance.get(p.spec.gguf_name)
             if imp is not None and transform is not None:

@@ -52,6 +52,16 @@ def load_vocab(ckpt_dir: Path, config: dict, vocab_size: int) -> tuple[Vocab, li
         encoder = _read_json_vocab(ckpt_dir / "vocab.json")
         merges = _read_merges(ckpt_dir / "merges.txt")
         specials = _read_special_tokens(ckpt_dir / "tokenizer_config.json")
+        if (ckpt_dir / "added_tokens.json").is_file():  # transformers' tokens beyond vocab.json: control tokens
+            added = _read_json_vocab(ckpt_dir / "added_tokens.json")
+            taken = set(encoder.values())
+            clash = {t: i for t, i in added.items() if encoder.get(t, i) != i or (i in taken and t not in encoder)}
+            if clash:
+                t, i = next(iter(clash.items()))
+                raise TokenizerError(f"{ckpt_dir / 'added_tokens.json'}: token {t!r} id {i} is already taken in "
+                                     f"vocab.json; expected ids beyond the BPE vocabulary")
+            encoder = {**encoder, **added}
+            specials |= set(added)
         source = str(ckpt_dir / "vocab.json")
     elif vocab_size == GPT2_VOCAB_SIZE:
         enc_path, bpe_path = bundled_gpt2_files()

@@ -10,6 +10,7 @@ tokenizer files) plus train_log.jsonl, loss_curve.png and train_state.pt (for re
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -97,12 +98,12 @@ def _loss(model, xy, precision: str = "fp32", step: int = 0):
     import torch
     import torch.nn.functional as F
 
-    extra = {}
-    if model.training and hasattr(model, "training_inputs"):  # a variant that trains on other windows (duo-predict)
-        xy, extra = model.training_inputs(xy, step)
+    inputs, targets, extra = xy[:, :-1], xy[:, 1:], {}
+    if model.training and hasattr(model, "training_inputs"):  # a variant that trains on other sequences
+        inputs, targets, extra = model.training_inputs(xy, step)
     with torch.autocast(xy.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        logits = model(xy[:, :-1], **extra).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), xy[:, 1:].reshape(-1))
+        logits = model(inputs, **extra).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
 
 
 def _check(cfg: TrainConfig, n_train: int, n_val: int) -> None:
@@ -132,8 +133,9 @@ def build_model(cfg: TrainConfig):
                                           attn_pdrop=0.0, bos_token_id=50256, eos_token_id=50256))
     from ..variants.model import VariantConfig, VariantLM
 
+    vocab = 50257 + (1 if spec.duo_predict else 0)  # duo-predict's <|MASK|> takes the next id
     return VariantLM(VariantConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.ctx,
-                                   variant=spec))
+                                   vocab_size=vocab, variant=spec))
 
 
 def _objective(model, precision: str):
@@ -269,6 +271,9 @@ def _export(model, state: dict | None, out: Path) -> None:
     enc, bpe = bundled_gpt2_files()
     shutil.copyfile(enc, export / "vocab.json")
     shutil.copyfile(bpe, export / "merges.txt")
+    added = model.added_tokens() if hasattr(model, "added_tokens") else {}
+    if added:  # transformers' file for tokens beyond vocab.json (duo-predict's <|MASK|>); convert reads it too
+        (export / "added_tokens.json").write_text(json.dumps(added) + "\n")
     for f in export.iterdir():
         os.replace(f, out / f.name)
     export.rmdir()

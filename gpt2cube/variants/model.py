@@ -1,8 +1,10 @@
 """The GPT-2 variant family in torch: GPT-2's blocks and parameter names (HF Conv1D layout, so the
 converter maps them with GPT-2's own tensor table), with the position scheme and block wiring of
-a `VariantSpec` (causal Linformer attention in linformer.py; duo-predict's direction embedding
-`transformer.wde` and its reversed training windows in `training_inputs`; drift-diffusion's
-training noise after each block). Checkpoints are Hugging Face-style directories: config.json (architectures
+a `VariantSpec` (causal Linformer attention in linformer.py; alternate-direction's direction
+embedding `transformer.wde` and its reversed training windows in `training_inputs`; residual
+diffusion's training noise after each block; the seed's variants: drift-diffusion's per-head
+`attn.dd_drift` / `attn.dd_baseline` / `attn.dd_diffusion` before c_proj, parallel paths' stages
+and shared `transformer.bottleneck`, duo-predict's interleaved <|MASK|> sequences (duo.py)). Checkpoints are Hugging Face-style directories: config.json (architectures
 ["GPT2CubeVariantLM"], GPT-2's shape keys plus "variant"), model.safetensors, tokenizer files.
 """
 
@@ -16,10 +18,11 @@ import torch
 from torch import nn
 
 from ..errors import CorruptCheckpoint, InputError
+from .duo import duo_mask, duo_positions, duo_training_pair
 from .linformer import CausalLinformer
 from .lm_io import SafetensorsLM
 from .positions import POSITION_MODULES, sinusoid_table
-from .spec import ARCHITECTURE, MODEL_TYPE, POSITIONS, VariantSpec
+from .spec import ARCHITECTURE, DUO_MASK_TOKEN, MODEL_TYPE, POSITIONS, VariantSpec
 
 
 @dataclass
@@ -86,22 +89,44 @@ class Attention(nn.Module):
         spec = cfg.variant
         if spec.attention == "linformer":  # the spec refuses distance-bias positions with it
             self.linformer = CausalLinformer(spec.linformer_block, spec.linformer_k)
+        parts, hd = spec.dd_parts, (cfg.n_head, self.head_dim)  # the seed's initialisation
+        if "drift" in parts:
+            self.dd_drift = nn.Parameter(torch.randn(*hd))
+        if "baseline" in parts:
+            self.dd_baseline = nn.Parameter(torch.randn(*hd) * 1e-3)
+        if "diffusion" in parts:
+            self.dd_diffusion = nn.Parameter(torch.randn(*hd))
 
-    def forward(self, x):
+    def forward(self, x, pos=None, mask=None):
+        """pos: [T] position of each token (default 0..T-1); mask: [T, T] bool, True where a query
+        may attend (default causal)."""
         B, T, E = x.shape
         q, k, v = self.c_attn(x).split(E, dim=-1)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        q, k = self.pos.rotate(q, k, torch.arange(T, device=x.device))
+        q, k = self.pos.rotate(q, k, torch.arange(T, device=x.device) if pos is None else pos)
         bias = self.pos.bias(T, x.device)
         if hasattr(self, "linformer"):
             y = self.linformer(q, k, v)
-        elif bias is None:
+        elif bias is None and mask is None:
             y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif bias is None:
+            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask = bias.to(q.dtype).masked_fill(~causal, float("-inf"))
             y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[None])
-        return self.c_proj(y.transpose(1, 2).reshape(B, T, E))
+        y = self.drift_diffusion(y.transpose(1, 2))  # [B, T, H, D]
+        return self.c_proj(y.reshape(B, T, E))
+
+    def drift_diffusion(self, a):
+        """The seed's drift-diffusion on each head's output [B, T, H, D]: a + sigmoid(d) (a - beta)
+        (beta 0 without the baseline), then + s * N(0, 1) noise in training only."""
+        if hasattr(self, "dd_drift"):
+            drift = torch.sigmoid(self.dd_drift)
+            a = a + drift * (a - self.dd_baseline if hasattr(self, "dd_baseline") else a)
+        if hasattr(self, "dd_diffusion") and self.training:
+            a = a + self.dd_diffusion * torch.randn_like(a)
+        return a
 
 
 class MLP(nn.Module):
@@ -117,18 +142,18 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: VariantConfig) -> None:
         super().__init__()
-        self.parallel = cfg.variant.parallel
+        self.parallel = cfg.variant.parallel_residual
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.attn = Attention(cfg)
-        if not self.parallel:  # parallel blocks read one LayerNorm (GPT-J / PaLM)
+        if not self.parallel:  # parallel residual blocks read one LayerNorm (GPT-J / PaLM)
             self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg)
 
-    def forward(self, x):
+    def forward(self, x, pos=None, mask=None):
         if self.parallel:
             h = self.ln_1(x)
-            return x + self.attn(h) + self.mlp(h)
-        x = x + self.attn(self.ln_1(x))
+            return x + self.attn(h, pos, mask) + self.mlp(h)
+        x = x + self.attn(self.ln_1(x), pos, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -141,27 +166,39 @@ class VariantLM(SafetensorsLM, nn.Module):
     def __init__(self, config: VariantConfig) -> None:
         super().__init__()
         self.config = config
-        E = config.n_embd
+        spec, E = config.variant, config.n_embd
         if E % config.n_head:
             raise InputError(f"n_embd {E} is not divisible by n_head {config.n_head}")
-        if POSITIONS[config.variant.pos].rotary:
-            config.variant.rotary_dims(E // config.n_head)  # raises on a fraction that rotates nothing
-        if config.variant.attention == "linformer" and config.variant.linformer_block >= config.n_positions:
-            raise InputError(f"--linformer-block {config.variant.linformer_block} is not below the context "
+        if POSITIONS[spec.pos].rotary:
+            spec.rotary_dims(E // config.n_head)  # raises on a fraction that rotates nothing
+        if spec.pos == "rotating" and (E // config.n_head) % 2:
+            raise InputError(f"--pos rotating rotates pairs of dimensions; head size {E // config.n_head} "
+                             f"(n_embd {E} / n_head {config.n_head}) is odd")
+        if spec.attention == "linformer" and spec.linformer_block >= config.n_positions:
+            raise InputError(f"--linformer-block {spec.linformer_block} is not below the context "
                              f"{config.n_positions}: no earlier block would ever be compressed")
+        if spec.duo_predict and config.n_positions < 2:
+            raise InputError(f"--duo-predict needs a context of at least 2 tokens (a mask sits between two real "
+                             f"ones); got {config.n_positions}")
+        if spec.parallel_paths and config.n_layer % 2:
+            raise InputError(f"--parallel {spec.parallel_paths}: n_layer {config.n_layer} is odd; parallel paths "
+                             "run blocks in pairs (stage k: blocks 2k and 2k+1), so n_layer must be even")
         t = nn.Module()
         t.wte = nn.Embedding(config.vocab_size, E)
-        if config.variant.pos == "learned":
+        table = POSITIONS[spec.pos].table
+        if table == "learned":
             t.wpe = nn.Embedding(config.n_positions, E)
-        elif config.variant.pos == "sinusoidal":
+        elif table == "fixed":
             # amplitude = the embeddings' init std: table : embedding RMS per dimension is 1 : sqrt 2, as in
             # Vaswani et al. (unit table, embeddings of std d^-1/2 scaled by sqrt d). A unit table on GPT-2's
             # 0.02-std embeddings swamps them (3.2x the PPL of learned positions in the matched run).
             # Checkpoints store their table, so files made with another amplitude load as they were.
             t.wpe = FixedTable(sinusoid_table(config.n_positions, E, config.initializer_range))
-        if config.variant.duo_predict:  # row 0: reading left to right (inference), row 1: right to left
+        if spec.alternate_direction:  # row 0: reading left to right (inference), row 1: right to left
             t.wde = nn.Embedding(2, E)
         t.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        if spec.parallel_paths == "concat":  # one Linear shared by every stage, as the seed has it
+            t.bottleneck = nn.Linear(2 * E, E)
         t.ln_f = nn.LayerNorm(E, eps=config.layer_norm_epsilon)
         self.transformer = t
         if not config.tie_word_embeddings:
@@ -171,8 +208,10 @@ class VariantLM(SafetensorsLM, nn.Module):
     def _init(self, cfg: VariantConfig) -> None:
         std = cfg.initializer_range
         for name, p in self.named_parameters():
-            if p.dim() >= 2 and "pos." not in name and "linformer." not in name:  # those start as they are built
+            if p.dim() >= 2 and not any(k in name for k in ("pos.", "linformer.", ".dd_")):  # those start as built
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * cfg.n_layer) if name.endswith("c_proj.weight") else std)
+        if hasattr(self.transformer, "bottleneck"):
+            nn.init.zeros_(self.transformer.bottleneck.bias)
 
     def describe(self) -> str:
         return f"variant {self.config.variant.describe()}"
@@ -182,37 +221,66 @@ class VariantLM(SafetensorsLM, nn.Module):
         """Runs on more tokens than it was trained on (no absolute position table)."""
         return not POSITIONS[self.config.variant.pos].absolute
 
-    def training_inputs(self, xy: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
-        """The trainer's windows [B, T+1] as this variant trains on them, with forward's extra
-        arguments. Duo-predict: sequence i of step s reads right to left when i + s is odd (the
-        window reversed, so next-token targets become previous tokens), so directions alternate
-        within a batch and, for a batch of one, from step to step."""
-        if not self.config.variant.duo_predict:
-            return xy, {}
-        back = (torch.arange(xy.shape[0], device=xy.device) + step) % 2 == 1
-        return torch.where(back[:, None], xy.flip(1), xy), {"reverse": back}
+    @property
+    def mask_token_id(self) -> int:
+        """Duo-predict's <|MASK|>: the last id of the vocabulary."""
+        return self.config.vocab_size - 1
 
-    def forward(self, input_ids, labels=None, reverse=None):
+    def added_tokens(self) -> dict[str, int]:
+        """Tokens beyond GPT-2's BPE vocabulary (saved as added_tokens.json beside vocab.json)."""
+        return {DUO_MASK_TOKEN: self.mask_token_id} if self.config.variant.duo_predict else {}
+
+    def training_inputs(self, xy: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """The trainer's windows [B, T+1] as this variant trains on them: (inputs, targets with -100
+        where nothing is scored, forward's extra arguments).
+        Alternate-direction: sequence i of step s reads right to left when i + s is odd (the window
+        reversed, so next-token targets become previous tokens), so directions alternate within a
+        batch and, for a batch of one, from step to step. Duo-predict: duo.duo_training_pair."""
+        spec = self.config.variant
+        if spec.duo_predict:
+            inputs, targets = duo_training_pair(xy, self.mask_token_id, spec.duo_loss)
+            return inputs, targets, {"duo": True}
+        if spec.alternate_direction:
+            back = (torch.arange(xy.shape[0], device=xy.device) + step) % 2 == 1
+            xy = torch.where(back[:, None], xy.flip(1), xy)
+            return xy[:, :-1], xy[:, 1:], {"reverse": back}
+        return xy[:, :-1], xy[:, 1:], {}
+
+    def forward(self, input_ids, labels=None, reverse=None, duo: bool = False):
+        """duo: input_ids are duo-predict's interleaved sequences (duo.py), 2T-1 tokens for T real ones."""
         t = self.transformer
-        T = input_ids.shape[1]
+        N = input_ids.shape[1]
+        pos = mask = None
+        if duo:
+            if not self.config.variant.duo_predict or N % 2 == 0:
+                raise InputError(f"duo=True takes a duo-predict model and an odd-length interleaved sequence "
+                                 f"(got {self.config.variant.describe()}, {N} tokens)")
+            T = (N + 1) // 2
+            pos, mask = duo_positions(T, input_ids.device), duo_mask(T, input_ids.device)
+        else:
+            T = N
         if T > self.config.n_positions and not self.extrapolates:
             raise InputError(f"{T} tokens exceed the model's {self.config.n_positions} positions (--pos "
                              f"{self.config.variant.pos} has a position table of that length)")
         x = t.wte(input_ids)
         if hasattr(t, "wpe"):
-            x = x + t.wpe(torch.arange(T, device=input_ids.device))
+            x = x + t.wpe(torch.arange(N, device=input_ids.device) if pos is None else pos)
         if hasattr(t, "wde"):
             rows = torch.zeros(input_ids.shape[0], dtype=torch.long, device=x.device) if reverse is None \
                 else reverse.long()
             x = x + t.wde(rows)[:, None, :]
-        sigma = self.config.variant.diffusion_sigma
-        for block in t.h:
-            x = block(x)
+        sigma, paths = self.config.variant.residual_diffusion, self.config.variant.parallel_paths
+        stages = [(b,) for b in t.h] if not paths else [(t.h[i], t.h[i + 1]) for i in range(0, len(t.h), 2)]
+        for stage in stages:
+            if len(stage) == 1:
+                x = stage[0](x, pos, mask)
+            else:  # the seed's parallel paths: both blocks on the same input, merged
+                left, right = stage[0](x, pos, mask), stage[1](x, pos, mask)
+                x = (t.bottleneck(torch.cat([left, right], -1)) if paths == "concat" else
+                     left + right if paths == "add" else (left + right) / 2)
             if sigma and self.training:  # diffusion over unit depth-time: each of L steps adds variance sigma^2/L
                 rms = x.detach().pow(2).mean(-1, keepdim=True).sqrt()
-                x = x + (sigma / math.sqrt(len(t.h))) * rms * torch.randn_like(x)
+                x = x + (sigma / math.sqrt(len(stages))) * rms * torch.randn_like(x)
         x = t.ln_f(x)
         head = t.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
         return SimpleNamespace(logits=x @ head.T)
-
-

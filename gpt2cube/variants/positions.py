@@ -100,17 +100,17 @@ def _rotate_neox(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_rot: i
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-@register_position("rope", "rotating")
+@register_position("rope", "rope-spread")
 class Rotary(PositionModule):
     """theta(pos, i) = pos * base^(-2i / n_rot), i < n_rot / 2 (ggml_rope_ext in NEOX mode); the
-    'rotating' variant scales head h's frequencies by 2^(-8h / H), so heads see different wavelengths."""
+    'rope-spread' variant scales head h's frequencies by 2^(-8h / H), so heads see different wavelengths."""
 
     def __init__(self, spec: VariantSpec, n_head: int, head_dim: int) -> None:
         super().__init__(spec, n_head, head_dim)
         self.n_rot = spec.rotary_dims(head_dim)
         inv = spec.rope_base ** (-torch.arange(0, self.n_rot, 2, dtype=torch.float64) / self.n_rot)
         per_head = torch.ones(n_head, dtype=torch.float64)
-        if spec.pos == "rotating":
+        if spec.pos == "rope-spread":
             per_head = 2.0 ** (-8.0 * torch.arange(n_head, dtype=torch.float64) / n_head)
         self.register_buffer("inv_freq", (per_head[:, None] * inv[None, :]).float(), persistent=False)  # [H, n_rot/2]
 
@@ -118,6 +118,48 @@ class Rotary(PositionModule):
         ang = pos.float()[None, :, None] * self.inv_freq[:, None, :]  # [H, T, n_rot/2]
         cos, sin = ang.cos(), ang.sin()
         return _rotate_neox(q, cos, sin, self.n_rot), _rotate_neox(k, cos, sin, self.n_rot)
+
+
+@register_position("rotating")
+class RotatingHeads(PositionModule):
+    """The seed's rotating heads (with the model's learned position table): every head rotates its
+    query and key over interleaved pairs (2i, 2i + 1), angle pos * f[h, i], i < D/2, with its own
+    frequencies f [H, D/2] per layer: 'lr' learned, initialised N(0, 1); 'gp' fixed,
+    10^(-h/(H-1)) * 10000^(-2i/D). --rotating-norm passes f through a LayerNorm over each head's D/2
+    frequencies (learned affine) before use. The seed's GP-norm sized that LayerNorm D, not D/2, and
+    fails on its first forward; here both kinds normalise the D/2 frequencies they have."""
+
+    def __init__(self, spec: VariantSpec, n_head: int, head_dim: int) -> None:
+        super().__init__(spec, n_head, head_dim)
+        half = head_dim // 2
+        if spec.rotating_freqs == "lr":
+            self.freqs = nn.Parameter(torch.randn(n_head, half))
+        else:
+            self.register_buffer("freqs", gp_frequencies(n_head, head_dim), persistent=False)
+        if spec.rotating_norm:
+            self.norm = nn.LayerNorm(half)
+
+    def frequencies(self) -> torch.Tensor:
+        return self.norm(self.freqs) if hasattr(self, "norm") else self.freqs
+
+    def rotate(self, q, k, pos):
+        ang = pos.float()[None, :, None] * self.frequencies()[:, None, :]  # [H, T, D/2]
+        cos, sin = ang.cos(), ang.sin()
+        return _rotate_pairs(q, cos, sin), _rotate_pairs(k, cos, sin)
+
+
+def gp_frequencies(n_head: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """[H, D/2]: 10^(-h/(H-1)) * base^(-2i/D) (head scales from 1 down to 1/10; one head: 1)."""
+    h = torch.arange(n_head, dtype=torch.float64)
+    scale = 10.0 ** (-h / (n_head - 1)) if n_head > 1 else torch.ones(1, dtype=torch.float64)
+    inv = base ** (-torch.arange(0, head_dim // 2 * 2, 2, dtype=torch.float64) / head_dim)
+    return (scale[:, None] * inv[None, :]).float()
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved pairing (GPT-J): dimensions 2i and 2i + 1 rotate together."""
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return torch.stack([even * cos - odd * sin, even * sin + odd * cos], dim=-1).flatten(-2)
 
 
 def sinusoid_table(n_positions: int, n_embd: int, amplitude: float = 1.0) -> torch.Tensor:

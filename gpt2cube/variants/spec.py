@@ -2,17 +2,32 @@
 (if any) computes it exactly.
 
 A variant is one GPT-2 block structure (fused [Q|K|V] with contiguous heads, LayerNorm with bias,
-tanh GELU) with a position scheme from `POSITIONS`, an attention from `ATTENTIONS` and, optionally,
-parallel attention + MLP from one LayerNorm, duo-predict training (sequences read left to right
-and right to left in alternation, a learned direction embedding saying which) and drift-diffusion
-training (the residual stream as an Euler-Maruyama path: each block is the drift of one step,
-Gaussian noise the diffusion, in training only). The llama.cpp facts (vendored llama.cpp 0c1e570, src/models/*.cpp):
+tanh GELU) with a position scheme from `POSITIONS`, an attention from `ATTENTIONS` and any of:
+- parallel residual blocks: attention + MLP from one LayerNorm (GPT-J / PaLM; `parallel_residual`);
+- parallel paths (the seed's "parallel GPT-2", shiva-upsurge/parallel_transformer d868f70): stage
+  k runs blocks 2k and 2k+1 on the same input and merges them (mean, add, or concat through one
+  shared Linear 2E -> E; `parallel_paths`);
+- alternate-direction training: sequences read left to right and right to left in alternation, a
+  learned direction embedding saying which (`alternate_direction`);
+- duo-predict (the seed's): a <|MASK|> token interleaved after every real token, M_k sharing x_k's
+  position and seeing x_0..x_{k-1}, itself and x_{k+1}; real tokens see only earlier real tokens;
+  real tokens learn the next token, masks the token they stand for (`duo_predict`, `duo_loss`);
+- residual diffusion: the residual stream as an Euler-Maruyama path, Gaussian noise after each
+  block in training only (`residual_diffusion`);
+- drift-diffusion (the seed's): learned per-head H x D drift d, baseline beta and diffusion s on each
+  head's attention output before c_proj, a' = a + sigmoid(d) (a - beta), a'' = a' + s eps in
+  training only (`drift_diffusion`, a subset of drift, diffusion, baseline).
+The llama.cpp facts (vendored llama.cpp 0c1e570, src/models/*.cpp):
 - gpt2: learned absolute positions (`position_embd`); a fixed sinusoid table is the same graph.
 - gptneox: RoPE in NEOX pairing (dimension i with i + n_rot/2) on the first n_rot dimensions of
   each head, `use_parallel_residual` for x + attn(ln1 x) + mlp(ln2 x); no position table;
   `output.weight` required.
 - mpt: no position table (optional), ALiBi when `max_alibi_bias` > 0 (ggml's slopes), tied output.
 Everything else here is PyTorch-only, and `llama_target` says why.
+
+Schema 2 (this version) gave the seed's names to the seed's definitions; schema 1 files load with
+their options renamed (`_SCHEMA1_RENAMES`): parallel -> parallel_residual, duo_predict ->
+alternate_direction, diffusion_sigma -> residual_diffusion, pos rotating -> rope-spread.
 """
 
 from __future__ import annotations
@@ -23,7 +38,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 ARCHITECTURE = "GPT2CubeVariantLM"  # config.json "architectures" of a variant checkpoint
 MODEL_TYPE = "gpt2cube_variant"
 
@@ -37,6 +52,7 @@ class Position:
     rotary: bool = False  # takes --rope-fraction / --rope-base
     absolute: bool = False  # a table added to the token embeddings (transformer.wpe.weight)
     distance_bias: bool = False  # an attention bias of query-key distance
+    table: str = ""  # the absolute table's kind: "learned" (an nn.Embedding) or "fixed" (a stored sinusoid)
 
 
 POSITIONS: dict[str, Position] = {}
@@ -46,10 +62,10 @@ def _register(p: Position) -> None:
     POSITIONS[p.name] = p
 
 
-_register(Position("learned", "learned absolute position embeddings (GPT-2)", "gpt2", absolute=True))
+_register(Position("learned", "learned absolute position embeddings (GPT-2)", "gpt2", absolute=True, table="learned"))
 _register(Position("sinusoidal", "fixed sinusoid table added to the embeddings, amplitude the embeddings' init std "
                    "(Vaswani et al.'s ratio)", "gpt2",
-                   absolute=True))
+                   absolute=True, table="fixed"))
 _register(Position("rope", "rotary embeddings on the first --rope-fraction of each head, NEOX pairing", "gptneox",
                    rotary=True))
 _register(Position("alibi", "linear distance bias per head, ggml's slopes for max bias 8 (Press et al.)", "mpt",
@@ -60,8 +76,21 @@ _register(Position("kerple", "learned logarithmic distance bias per head, -r1 lo
                    distance_bias=True))
 _register(Position("fire", "learned MLP of progressively normalised log distance, per head (FIRE)", None,
                    "FIRE's learned position MLP has no ggml graph", distance_bias=True))
-_register(Position("rotating", "RoPE whose frequencies differ per head (head h scaled by 2^(-8h/H))", None,
-                   "llama.cpp's rope applies one frequency set to every head", rotary=True))
+_register(Position("rope-spread", "RoPE whose wavelengths spread over the heads (head h's frequencies scaled by "
+                   "2^(-8h/H))", None, "llama.cpp's rope applies one frequency set to every head", rotary=True))
+_register(Position("rotating", "rotating heads (the seed's): learned position table plus per-head RoPE on Q and K "
+                   "over interleaved pairs, frequencies per --rotating-freqs (lr: learned H x D/2 per layer, "
+                   "N(0,1) init; gp: 10^(-h/(H-1)) 10000^(-2i/D)), --rotating-norm a LayerNorm over each "
+                   "head's frequencies", None,
+                   "per-head (learned) rotary frequencies over interleaved pairs have no ggml graph",
+                   absolute=True, table="learned"))
+
+ROTATING_FREQS = ("lr", "gp")
+PARALLEL_PATHS = ("mean", "concat", "add")  # the seed's bottleneck methods
+DD_PARTS = ("drift", "diffusion", "baseline")  # the seed's apply_drift, apply_diffusion, baseline_each_head
+DUO_LOSSES = ("intended", "original")
+DUO_MASK_TOKEN = "<|MASK|>"  # duo-predict's extra token, the last id of the vocabulary
+
 
 @dataclass(frozen=True)
 class Attention:
@@ -78,18 +107,28 @@ for _a in (Attention("full", "softmax attention over every earlier token (GPT-2)
     ATTENTIONS[_a.name] = _a
 
 
+def _parts(value: str) -> tuple[str, ...]:
+    return tuple(x for x in (v.strip() for v in value.split(",")) if x) if value else ()
+
+
 @dataclass(frozen=True)
 class VariantSpec:
     pos: str = "learned"
     rope_fraction: float = 1.0
     rope_base: float = 10000.0
-    parallel: bool = False
+    parallel_residual: bool = False
+    parallel_paths: str = ""  # "" or one of PARALLEL_PATHS
     alibi_max_bias: float = 8.0
     attention: str = "full"
     linformer_block: int = 32
     linformer_k: int = 8
+    alternate_direction: bool = False
     duo_predict: bool = False
-    diffusion_sigma: float = 0.0
+    duo_loss: str = "intended"
+    residual_diffusion: float = 0.0
+    drift_diffusion: str = ""  # "" or a comma list of DD_PARTS, in that order
+    rotating_freqs: str = "lr"
+    rotating_norm: bool = False
 
     def __post_init__(self) -> None:
         if self.pos not in POSITIONS:
@@ -97,11 +136,16 @@ class VariantSpec:
                              f"known: {', '.join(POSITIONS)}")
         rotary = POSITIONS[self.pos].rotary
         if not rotary and not self._defaults("rope_fraction", "rope_base"):
-            raise InputError(f"--rope-fraction / --rope-base apply to rotary positions (rope, rotating), not --pos {self.pos}")
+            raise InputError(f"--rope-fraction / --rope-base apply to rotary positions "
+                             f"({', '.join(p.name for p in POSITIONS.values() if p.rotary)}), not --pos {self.pos}")
         if not 0.0 < self.rope_fraction <= 1.0:
             raise InputError(f"--rope-fraction {self.rope_fraction}: expected a fraction in (0, 1]")
         if self.rope_base <= 1.0:
             raise InputError(f"--rope-base {self.rope_base}: expected a value above 1")
+        if self.pos != "rotating" and not self._defaults("rotating_freqs", "rotating_norm"):
+            raise InputError(f"--rotating-freqs / --rotating-norm apply to --pos rotating, not --pos {self.pos}")
+        if self.rotating_freqs not in ROTATING_FREQS:
+            raise InputError(f"--rotating-freqs {self.rotating_freqs!r}: expected one of {', '.join(ROTATING_FREQS)}")
         if self.alibi_max_bias <= 0:
             raise InputError(f"alibi_max_bias {self.alibi_max_bias}: expected a positive value")
         if self.attention not in ATTENTIONS:
@@ -119,19 +163,48 @@ class VariantSpec:
                 raise InputError(f"--attention linformer with --pos {self.pos}: a compressed key mixes positions, "
                                  f"so a bias of query-key distance has no meaning for it; use --pos "
                                  + "|".join(p.name for p in POSITIONS.values() if not p.distance_bias))
-        if not isinstance(self.diffusion_sigma, (int, float)) or isinstance(self.diffusion_sigma, bool) \
-                or not 0.0 <= self.diffusion_sigma <= 10.0:
-            raise InputError(f"--drift-diffusion {self.diffusion_sigma!r}: expected a noise scale in [0, 10]")
+        sigma = self.residual_diffusion
+        if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0.0 <= sigma <= 10.0:
+            raise InputError(f"--residual-diffusion {sigma!r}: expected a noise scale in [0, 10]")
+        if self.parallel_paths not in ("",) + PARALLEL_PATHS:
+            raise InputError(f"--parallel {self.parallel_paths!r}: expected one of {', '.join(PARALLEL_PATHS)}")
+        if self.parallel_paths and self.parallel_residual:
+            raise InputError("--parallel (paths) and --parallel-residual: choose one block wiring")
+        parts = self.dd_parts
+        if "baseline" in parts and "drift" not in parts:
+            raise InputError(f"--drift-diffusion {self.drift_diffusion!r}: the per-head baseline is part of the drift "
+                             "(a + sigmoid(d)(a - baseline)); add drift")
+        bad = [x for x in parts if x not in DD_PARTS]
+        if bad or len(set(parts)) != len(parts) or (self.drift_diffusion and not {"drift", "diffusion"} & set(parts)):
+            hint = " (the residual-stream noise of earlier versions is --residual-diffusion SIGMA)" if bad else ""
+            raise InputError(f"--drift-diffusion {self.drift_diffusion!r}: expected a comma list of "
+                             f"{', '.join(DD_PARTS)} with drift or diffusion in it{hint}")
+        if self.duo_loss not in DUO_LOSSES:
+            raise InputError(f"--duo-loss {self.duo_loss!r}: expected one of {', '.join(DUO_LOSSES)}")
+        if not self.duo_predict and self.duo_loss != "intended":
+            raise InputError("--duo-loss applies to --duo-predict")
+        if self.duo_predict:
+            if POSITIONS[self.pos].distance_bias:
+                raise InputError(f"--duo-predict with --pos {self.pos}: a mask token shares its real token's "
+                                 "position, which an attention bias of index distance cannot express; use --pos "
+                                 + "|".join(p.name for p in POSITIONS.values() if not p.distance_bias))
+            if self.attention != "full":
+                raise InputError("--duo-predict needs --attention full (its attention mask is not causal)")
+            if self.alternate_direction:
+                raise InputError("--duo-predict and --alternate-direction: choose one training scheme")
 
     def _defaults(self, *names: str) -> bool:
         """Whether these options keep their default values (options that belong to another choice)."""
         return all(getattr(self, n) == self.__dataclass_fields__[n].default for n in names)
 
     @property
+    def dd_parts(self) -> tuple[str, ...]:
+        return _parts(self.drift_diffusion)
+
+    @property
     def is_plain_gpt2(self) -> bool:
         """Exactly transformers' GPT-2 (trained and saved as GPT2LMHeadModel)."""
-        return (self.pos == "learned" and not self.parallel and self.attention == "full" and not self.duo_predict
-                and self.diffusion_sigma == 0.0)
+        return self == VariantSpec()
 
     def rotary_dims(self, head_dim: int) -> int:
         """Dimensions of each head that rotate: the fraction of head_dim, rounded down to even."""
@@ -145,14 +218,22 @@ class VariantSpec:
         parts = [f"pos={self.pos}"]
         if POSITIONS[self.pos].rotary:
             parts.append(f"rope_fraction={self.rope_fraction:g}")
-        if self.parallel:
-            parts.append("parallel")
+        if self.pos == "rotating":
+            parts.append(f"rotating={self.rotating_freqs}" + ("+norm" if self.rotating_norm else ""))
+        if self.parallel_residual:
+            parts.append("parallel-residual")
+        if self.parallel_paths:
+            parts.append(f"parallel paths ({self.parallel_paths})")
         if self.attention != "full":
             parts.append(f"attention={self.attention}(block {self.linformer_block}, k {self.linformer_k})")
+        if self.alternate_direction:
+            parts.append("alternate-direction")
         if self.duo_predict:
-            parts.append("duo-predict")
-        if self.diffusion_sigma:
-            parts.append(f"drift-diffusion sigma={self.diffusion_sigma:g}")
+            parts.append(f"duo-predict ({self.duo_loss} loss)")
+        if self.residual_diffusion:
+            parts.append(f"residual-diffusion sigma={self.residual_diffusion:g}")
+        if self.drift_diffusion:
+            parts.append(f"drift-diffusion ({self.drift_diffusion})")
         return ", ".join(parts)
 
     def to_json(self) -> dict:
@@ -163,9 +244,11 @@ class VariantSpec:
         if not isinstance(data, dict):
             raise InputError(f"{where}: 'variant' = {data!r}; expected an object")
         schema = data.get("schema", SCHEMA_VERSION)
-        if schema != SCHEMA_VERSION:
-            raise InputError(f"{where}: variant schema {schema!r} is not one this version reads ({SCHEMA_VERSION})")
+        if schema not in (1, SCHEMA_VERSION):
+            raise InputError(f"{where}: variant schema {schema!r} is not one this version reads (1, {SCHEMA_VERSION})")
         fields = {k: v for k, v in data.items() if k != "schema"}
+        if schema == 1:
+            fields = _from_schema1(fields)
         unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
         if unknown:
             raise InputError(f"{where}: variant option(s) {', '.join(unknown)} are not known to this version")
@@ -177,6 +260,18 @@ class VariantSpec:
             raise InputError(f"{where}: variant {data!r} is malformed ({e})") from None
 
 
+# schema 1 option -> schema 2 option: the names the seed's definitions took over
+_SCHEMA1_RENAMES = {"parallel": "parallel_residual", "duo_predict": "alternate_direction",
+                    "diffusion_sigma": "residual_diffusion"}
+
+
+def _from_schema1(fields: dict) -> dict:
+    out = {_SCHEMA1_RENAMES.get(k, k): v for k, v in fields.items()}
+    if out.get("pos") == "rotating":
+        out["pos"] = "rope-spread"
+    return out
+
+
 def llama_target(spec: VariantSpec) -> tuple[str | None, str]:
     """(llama.cpp architecture, "") when a graph computes the variant exactly, else (None, why)."""
     p = POSITIONS[spec.pos]
@@ -184,15 +279,19 @@ def llama_target(spec: VariantSpec) -> tuple[str | None, str]:
         return None, p.why_not
     if spec.attention != "full":
         return None, ATTENTIONS[spec.attention].why_not
-    if spec.duo_predict:
-        return None, ("duo-predict's direction embedding (its left-to-right row added to every input) is in no "
-                      "llama.cpp graph")
-    # drift-diffusion: the noise is training-only, so the file is the drift path, GPT-2's own graph
-    if spec.parallel:
+    if spec.alternate_direction:
+        return None, ("alternate-direction's direction embedding (its left-to-right row added to every input) is in "
+                      "no llama.cpp graph")
+    if spec.parallel_paths:
+        return None, (f"parallel paths ({spec.parallel_paths}) run two blocks on one input and merge them; no "
+                      "llama.cpp graph holds that (PyTorch only)")
+    # residual diffusion and the diffusion of drift-diffusion are training-only noise; the drift folds
+    # into attn_output exactly; duo-predict's real-token path is the causal LM with one extra token
+    if spec.parallel_residual:
         if p.llama_arch == "gptneox":
             return "gptneox", ""
-        return None, (f"parallel blocks run in llama.cpp only with RoPE (the gptneox / phi2 graphs); "
-                      f"no graph holds parallel blocks with --pos {spec.pos}")
+        return None, (f"parallel residual blocks run in llama.cpp only with RoPE (the gptneox / phi2 graphs); "
+                      f"no graph holds them with --pos {spec.pos}")
     return p.llama_arch, ""
 
 
