@@ -239,6 +239,7 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _matched_row(args, label, kind, opt, C, W, held_text, held_tokens, train_files, hs_data, shape, cache):
     """Train (or fit) one row's model and measure it: (row, extrapolation row or None)."""
+    from gpt2cube.constants import GPT2_VOCAB_SIZE
     from gpt2cube.converter import convert
     from gpt2cube.errors import InputError, UnsupportedArchitecture
     from gpt2cube.eval.hellaswag import evaluate_hellaswag
@@ -246,7 +247,7 @@ def _matched_row(args, label, kind, opt, C, W, held_text, held_tokens, train_fil
     from gpt2cube.train.data import load_tokens
     from gpt2cube.train.ngram import NGramModel, ngram_perplexity
     from gpt2cube.train.trainer import TrainConfig, train
-    from gpt2cube.variants.spec import VariantSpec
+    from gpt2cube.variants.spec import POSITIONS, VariantSpec
 
     n_layer, n_embd, n_head = shape
     row = {"model": label, "parameters": None, "non_embedding_parameters": None, "train_tokens": None,
@@ -275,11 +276,9 @@ def _matched_row(args, label, kind, opt, C, W, held_text, held_tokens, train_fil
                           variant={} if spec.is_plain_gpt2 else {**vars(spec)})
     summary = train(cfg, progress=False, log=lambda m: None)
     n_params = summary["parameters"]
-    emb = 50257 * n_embd
+    emb = GPT2_VOCAB_SIZE * n_embd
     if kind == "gpt":  # a learned position table and duo-predict's mask-token row are embeddings too
-        from gpt2cube.variants.spec import POSITIONS
-
-        emb += (C if POSITIONS[spec.pos].table == "learned" else 0) * n_embd + (n_embd if spec.duo_predict else 0)
+        emb = (spec.vocab_size + (C if POSITIONS[spec.pos].table == "learned" else 0)) * n_embd
     r = hf_perplexity(out, held_text, C, max_windows=W)
     row.update({"parameters": n_params, "non_embedding_parameters": n_params - emb,
                 "train_tokens": summary["tokens"], "train_tok_s": summary["tokens_per_s"],

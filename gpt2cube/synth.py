@@ -79,14 +79,12 @@ def make_random_variant(out_dir: Path, variant, *, n_layer: int = 2, n_embd: int
 
     torch.manual_seed(seed)
     cfg = VariantConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=n_positions, n_inner=n_inner,
-                        vocab_size=50257 + (1 if variant.duo_predict else 0),  # duo-predict's <|MASK|>
+                        vocab_size=variant.vocab_size,
                         tie_word_embeddings=tied, initializer_range=init_std, variant=variant)
     model = VariantLM(cfg).eval()
     _randomize_norms_and_biases(model, init_std, seed + 1)
     model.save_pretrained(out_dir)
     _write_tokenizer(out_dir, "files")
-    if model.added_tokens():
-        (out_dir / "added_tokens.json").write_text(json.dumps(model.added_tokens()) + "\n")
     return out_dir, model
 
 

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from gpt2cube.cli import main
 from gpt2cube.converter import convert
-from gpt2cube.errors import CorruptCheckpoint, InputError, UnsupportedArchitecture
+from gpt2cube.errors import CorruptCheckpoint, InputError, ShapeMismatch, UnsupportedArchitecture
 from gpt2cube.eval.llama_runner import llama_logits
 from gpt2cube.gguf_file import field_value, read_gguf
 from gpt2cube.models import hf_logits, load_hf_model
@@ -558,6 +558,22 @@ def test_config_errors_are_one_clear_line(tmp_path):
     cfg_path.write_text(json.dumps({**good, "variant": {"schema": 1, "pos": "learned", "parallel": True}}))
     with pytest.raises(CorruptCheckpoint, match="transformer.wpe.weight"):
         load_hf_model(src)
+
+
+def test_drift_tensors_are_checked_before_writing(tmp_path):
+    """The tensors the drift fold reads: a missing or misshapen one is named, and no file is left."""
+    from safetensors.torch import load_file, save_file
+
+    src, _ = make_random_variant(tmp_path / "m", VariantSpec(drift_diffusion="drift,baseline"), n_embd=64, n_head=2)
+    weights = src / "model.safetensors"
+    good = load_file(str(weights))
+    name = "transformer.h.1.attn.dd_baseline"
+    for state, error, expect in (({k: v for k, v in good.items() if k != name}, CorruptCheckpoint, "is missing"),
+                                 ({**good, name: good[name].reshape(-1)}, ShapeMismatch, r"expected \[2, 32\]")):
+        save_file(state, str(weights))
+        with pytest.raises(error, match=f"{name}.*{expect}"):
+            convert(src, tmp_path / "x.gguf", "f32", progress=False)
+        assert not (tmp_path / "x.gguf").exists()
 
 
 def test_hypercube_and_finetune_say_gpt2_only(tmp_path, calib_file):

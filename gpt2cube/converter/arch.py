@@ -243,6 +243,20 @@ class GPT2Variant(GPT2):
         super().__init__(ckpt)
         if self.spec.pos == "rope":  # the only rotary scheme llama_target lets through
             self.n_rot = self.spec.rotary_dims(self.n_embd // self.n_head)
+        self._check_drift_tensors()
+
+    def _check_drift_tensors(self) -> None:
+        """The tensors `load` folds into attn_output: present, n_head x head size, before anything is written."""
+        want, names = (self.n_head, self.n_embd // self.n_head), set(self.ckpt.names())
+        for part in {"drift", "baseline"} & set(self.spec.dd_parts):
+            for layer in range(self.n_layer):
+                name = f"{self.prefix}h.{layer}.attn.dd_{part}"
+                if name not in names:
+                    raise CorruptCheckpoint(f"{self.ckpt.path}: tensor {name!r} is missing "
+                                            f"(variant {self.spec.describe()})")
+                if tuple(self.ckpt.shape(name)) != want:
+                    raise ShapeMismatch(f"{self.ckpt.path}: tensor {name!r} has shape {list(self.ckpt.shape(name))}; "
+                                        f"expected {list(want)} (n_head x head size)")
 
     def _ignorable(self, name: str) -> bool:
         # drift-diffusion: the drift (and baseline) fold into attn_output (load); the diffusion is training-only
@@ -265,13 +279,7 @@ class GPT2Variant(GPT2):
         return (data.astype(np.float64) - (g * self._dd(f"{attn}.dd_baseline")) @ w).astype(np.float32)
 
     def _dd(self, name: str) -> np.ndarray:
-        want = (self.n_head, self.n_embd // self.n_head)
-        if name not in set(self.ckpt.names()):
-            raise CorruptCheckpoint(f"{self.ckpt.path}: tensor {name!r} is missing (variant {self.spec.describe()})")
-        if tuple(self.ckpt.shape(name)) != want:
-            raise ShapeMismatch(f"{self.ckpt.path}: tensor {name!r} has shape {list(self.ckpt.shape(name))}; "
-                                f"expected {list(want)} (n_head x head size)")
-        return self.ckpt.load(name).astype(np.float64).reshape(-1)
+        return self.ckpt.load(name).astype(np.float64).reshape(-1)  # checked in _check_drift_tensors
 
     def tensor_specs(self) -> list[TensorSpec]:
         if self.gguf_arch == "gpt2":

@@ -10,7 +10,6 @@ tokenizer files) plus train_log.jsonl, loss_curve.png and train_state.pt (for re
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -133,9 +132,8 @@ def build_model(cfg: TrainConfig):
                                           attn_pdrop=0.0, bos_token_id=50256, eos_token_id=50256))
     from ..variants.model import VariantConfig, VariantLM
 
-    vocab = 50257 + (1 if spec.duo_predict else 0)  # duo-predict's <|MASK|> takes the next id
     return VariantLM(VariantConfig(n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.ctx,
-                                   vocab_size=vocab, variant=spec))
+                                   vocab_size=spec.vocab_size, variant=spec))
 
 
 def _objective(model, precision: str):
@@ -271,9 +269,6 @@ def _export(model, state: dict | None, out: Path) -> None:
     enc, bpe = bundled_gpt2_files()
     shutil.copyfile(enc, export / "vocab.json")
     shutil.copyfile(bpe, export / "merges.txt")
-    added = model.added_tokens() if hasattr(model, "added_tokens") else {}
-    if added:  # transformers' file for tokens beyond vocab.json (duo-predict's <|MASK|>); convert reads it too
-        (export / "added_tokens.json").write_text(json.dumps(added) + "\n")
     for f in export.iterdir():
         os.replace(f, out / f.name)
     export.rmdir()

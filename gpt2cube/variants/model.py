@@ -10,8 +10,10 @@ and shared `transformer.bottleneck`, duo-predict's interleaved <|MASK|> sequence
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -107,10 +109,8 @@ class Attention(nn.Module):
         bias = self.pos.bias(T, x.device)
         if hasattr(self, "linformer"):
             y = self.linformer(q, k, v)
-        elif bias is None and mask is None:
-            y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         elif bias is None:
-            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         else:
             causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
             mask = bias.to(q.dtype).masked_fill(~causal, float("-inf"))
@@ -229,6 +229,13 @@ class VariantLM(SafetensorsLM, nn.Module):
     def added_tokens(self) -> dict[str, int]:
         """Tokens beyond GPT-2's BPE vocabulary (saved as added_tokens.json beside vocab.json)."""
         return {DUO_MASK_TOKEN: self.mask_token_id} if self.config.variant.duo_predict else {}
+
+    def save_pretrained(self, out: Path) -> None:
+        """The weights and config, and added_tokens.json (transformers' file for tokens beyond
+        vocab.json, which convert reads too) where the variant adds tokens."""
+        super().save_pretrained(out)
+        if self.added_tokens():
+            (Path(out) / "added_tokens.json").write_text(json.dumps(self.added_tokens()) + "\n")
 
     def training_inputs(self, xy: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """The trainer's windows [B, T+1] as this variant trains on them: (inputs, targets with -100

@@ -36,6 +36,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..constants import GPT2_VOCAB_SIZE
 from ..errors import InputError
 
 SCHEMA_VERSION = 2
@@ -200,6 +201,11 @@ class VariantSpec:
     @property
     def dd_parts(self) -> tuple[str, ...]:
         return _parts(self.drift_diffusion)
+
+    @property
+    def vocab_size(self) -> int:
+        """GPT-2's BPE vocabulary, plus duo-predict's <|MASK|> as the next id."""
+        return GPT2_VOCAB_SIZE + (1 if self.duo_predict else 0)
 
     @property
     def is_plain_gpt2(self) -> bool:
