@@ -64,7 +64,7 @@ struct layer {
 bool supported_weight_type(ggml_type t) {
     switch (t) {
         case GGML_TYPE_F32: case GGML_TYPE_F16: case GGML_TYPE_BF16: case GGML_TYPE_Q8_0:
-        case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_K: case GGML_TYPE_TQ1_0: case GGML_TYPE_TQ2_0:
+        case GGML_TYPE_Q4_0: case GGML_TYPE_Q4_K: case GGML_TYPE_Q6_K: case GGML_TYPE_TQ1_0: case GGML_TYPE_TQ2_0:
             return true;
         default:
             return false;
@@ -187,7 +187,7 @@ struct g2c_engine {
                             name.c_str(), (long long) t->ne[0], (long long) t->ne[1], (long long) t->ne[2],
                             (long long) ne0, (long long) ne1));
         if (!supported_weight_type(t->type))
-            throw error(fmt("%s: tensor %s has type %s; the engine runs f32, f16, bf16, q8_0, q4_0, q4_k, tq1_0, tq2_0",
+            throw error(fmt("%s: tensor %s has type %s; the engine runs f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, tq1_0, tq2_0",
                             path.c_str(), name.c_str(), ggml_type_name(t->type)));
         return t;
     }

@@ -83,8 +83,7 @@ def main() -> None:
               help="Encoding of the linear layers (attn_qkv, attn_output, ffn_up, ffn_down).")
 @click.option("--embed-type", type=click.Choice(sorted(QUANT_TYPES)), default=None,
               help="Encoding of token/position embeddings and the output head "
-                   "[default: q8_0 for ternary --type (q6_k, as llama.cpp's TQ files, makes them 3 MB smaller at no "
-                   "measurable cost, but the routed engine does not take it yet), else --type; a `finetune --qat` "
+                   "[default: q6_k for ternary --type (as llama.cpp's TQ files), else --type; a `finetune --qat` "
                    "checkpoint: the type it was trained for].")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
               help="TOML or JSON table of tensor-name glob -> type, applied last (last match wins).")
@@ -152,22 +151,20 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
     if method == "gptq":
         if calib is None:
             raise click.UsageError("--method gptq needs --calib TEXT (the calibration text its Hessians come from)")
-        if hypercube_dim is not None or hypercube_from is not None or concepts is not None:
-            raise click.UsageError("--method gptq and the hypercube options do not go together yet (the hypercube "
-                                   "reorders FFN neurons after quantization); convert with one of them")
     elif act_order or calib_ctx is not None:
         raise click.UsageError("--act-order and --calib-ctx are options of --method gptq")
     cube = None
     if hypercube_from is not None:
         from .hypercube.build import HypercubeOptions
 
-        if hypercube_dim is not None or calib is not None or router_radius is not None:
+        if hypercube_dim is not None or (calib is not None and method != "gptq") or router_radius is not None:
             raise click.UsageError("--hypercube-from takes the dimension, routers and groups from its file; "
-                                   "drop --hypercube-dim, --calib and --router-radius")
+                                   "drop --hypercube-dim, --router-radius and --calib (unless --method gptq needs it)")
         cube = HypercubeOptions(0, None, calib_tokens, concepts, concept_layer, source=hypercube_from)
-    elif method != "gptq" and (hypercube_dim is not None or calib is not None or concepts is not None):
+    elif hypercube_dim is not None or concepts is not None or (method != "gptq" and calib is not None):
         from .hypercube.build import HypercubeOptions
 
+        # with --method gptq, --calib feeds both: the routers are fitted first, then GPTQ
         if hypercube_dim is None or calib is None:
             raise click.UsageError("--hypercube-dim and --calib go together (and --concepts needs both)")
         cube = HypercubeOptions(hypercube_dim, calib, calib_tokens, concepts, concept_layer, router, router_radius)

@@ -68,7 +68,7 @@ def _assert_file_holds_qat_values(ckpt: Path, gguf: Path, recipe: Recipe) -> int
 
 
 RECIPES = {
-    "tq2_0": Recipe(linear="tq2_0"),                                   # embeddings q8_0
+    "tq2_0": Recipe(linear="tq2_0"),                                   # embeddings q6_k
     "tq1_0-row-q4k": Recipe(linear="tq1_0", embed="q4_k", ternary_scale="row"),
     "q4_k": Recipe(linear="q4_k"),
     "q4_0": Recipe(linear="q4_0", embed="q8_0"),
@@ -145,7 +145,8 @@ def test_qat_run_converts_to_the_trained_weights(student, corpus, tmp_path, prom
     import torch
 
     out = tmp_path / "qat"
-    summary = finetune(_cfg(student, out, corpus, qat="tq2_0", qat_warmup=3, embed_type="q8_0"), progress=False)
+    # no --embed-type: ternary QAT keeps q8_0 embeddings (convert's own ternary default is q6_k)
+    summary = finetune(_cfg(student, out, corpus, qat="tq2_0", qat_warmup=3), progress=False)
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r.get("lambda") for r in rows[1:4]] == [round(1 / 3, 4), round(2 / 3, 4), 1.0]
     assert rows[0]["step"] == 0 and "val_loss" in rows[0]          # the as-converted starting point

@@ -184,7 +184,8 @@ def test_gptq_bad_inputs_fail_with_one_line_and_no_file(checkpoints, calib_file,
     out = tmp_path / "x.gguf"
     cases = [
         (["--method", "gptq"], "--method gptq needs --calib"),
-        (["--method", "gptq", "--calib", calib_file, "--hypercube-dim", "2"], "do not go together"),
+        (["--method", "gptq", "--calib", calib_file, "--concepts", calib_file], "--hypercube-dim and --calib go together"),
+        (["--method", "gptq", "--calib", calib_file, "--hypercube-dim", "3"], "do not fill whole q4_k blocks"),
         (["--act-order"], "options of --method gptq"),
         (["--method", "gptq", "--calib", calib_file, "--calib-ctx", "64", "--calib-tokens", "40"], "at least 64"),
         (["--method", "gptq", "--calib", calib_file, "--calib-ctx", "4096"], "--calib-ctx 4096"),

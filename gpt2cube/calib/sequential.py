@@ -48,8 +48,12 @@ class GptqConvert:
     ternary_scale: str = "tensor"
     batch: int = 4  # windows per forward
 
-    def prepare(self, ckpt, arch, planned, log: Callable[[str], None]) -> "GptqBuild":
-        """The converter's extension hook: check, calibrate and quantize; nothing is written yet."""
+    def prepare(self, ckpt, arch, planned, log: Callable[[str], None], reorder=None) -> "GptqBuild":
+        """The converter's extension hook: check, calibrate and quantize; nothing is written yet.
+        `reorder` (a prepared hypercube: `permute_model`, `permute_importance`) puts the FFN
+        neurons in the file's order before GPTQ runs, so the bytes it hands back are already in
+        that order and the converter must not permute them again (it permutes only the tensors it
+        encodes itself: biases, and linear tensors without a grid)."""
         from ..hypercube.calibrate import calibration_tokens
         from ..models import load_hf_model
 
@@ -70,6 +74,9 @@ class GptqConvert:
             importance = {n: self.imatrix.checked(n, p.spec.shape[-1]) for n, p in targets.items()}
         t0 = time.perf_counter()
         model = load_hf_model(ckpt.path)
+        if reorder is not None:
+            reorder.permute_model(model)
+            importance = {n: reorder.permute_importance(n, imp, targets[n].spec.shape[0]) for n, imp in importance.items()}
         mods = linear_modules(model, [p.spec for p in targets.values()])
         windows = tokens[: n_win * ctx].reshape(n_win, ctx)
         encoded = run_gptq(model, windows, targets, mods, importance, self, log)

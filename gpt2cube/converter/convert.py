@@ -134,10 +134,12 @@ def convert(
         log(f"warning: {w}")
     cube = hypercube.prepare(ckpt, arch, planned, log) if hypercube is not None else None
     importance = _importance_for(imatrix, planned) if imatrix is not None else {}
-    if method is not None and cube is not None:
-        raise Gpt2cubeError("--method gptq and --hypercube-dim do not go together yet (the hypercube reorders FFN "
-                            "neurons after quantization); convert with one of them")
-    pre = method.prepare(ckpt, arch, planned, log) if method is not None else None
+    # the hypercube's neuron order is decided first (on the unquantized model); a method then
+    # quantizes the reordered model, so what it encodes is already in the file's order
+    pre = None
+    if method is not None:
+        pre = method.prepare(ckpt, arch, planned, log, reorder=cube) if cube is not None else \
+            method.prepare(ckpt, arch, planned, log)
 
     writer = ArrayPackingWriter(path=None, arch=arch.gguf_arch)
     _write_metadata(writer, ckpt, arch, vocab, planned, recipe)

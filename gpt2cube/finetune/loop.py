@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Callable
 
 
-from ..converter.plan import Recipe
+from ..converter.plan import QAT_TERNARY_EMBED_TYPE, Recipe
 from ..errors import InputError
+from ..kernels import get_quant_type
 from ..models import check_checkpoint_out, load_gpt2_checkpoint, save_checkpoint
 from ..tokenizers import hf_tokenizer
 from ..loop.core import Job, LoopConfig, check_launch, micro_batch, run
@@ -292,7 +293,10 @@ def _setup(cfg: FinetuneConfig, resume: bool, force: bool, world, device: str, l
     if cfg.distill:
         teacher, _ = load_gpt2_checkpoint(Path(cfg.distill), "teacher")
         _check_teacher(teacher, model, Path(cfg.distill), ctx)
-    recipe = Recipe(linear=cfg.qat, embed=cfg.embed_type, patterns=list(cfg.recipe),
+    embed = cfg.embed_type
+    if embed is None and cfg.qat and get_quant_type(cfg.qat).is_ternary:
+        embed = QAT_TERNARY_EMBED_TYPE
+    recipe = Recipe(linear=cfg.qat, embed=embed, patterns=list(cfg.recipe),
                     ternary_scale=cfg.ternary_scale, strict=cfg.strict) if cfg.qat else None
 
     device = device_for(world, device)

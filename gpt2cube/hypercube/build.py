@@ -62,6 +62,26 @@ class HypercubeBuild:
         perm = self.calibration.layers[int(m[1])].perm
         return data[:, perm] if m[2] == "down" else data[perm]
 
+    def permute_model(self, model) -> None:
+        """The same reordering applied to a transformers GPT2LMHeadModel in place (Conv1D: c_fc
+        weight (E, F) and bias (F,), c_proj weight (F, E)): its function is unchanged, and a method
+        that quantizes it afterwards (GPTQ) sees ffn_down's input columns in vertex order, so its
+        block scales and error feedback run over the columns the file stores."""
+        import torch
+
+        with torch.no_grad():
+            for lr, block in zip(self.calibration.layers, model.transformer.h):
+                perm = torch.as_tensor(np.asarray(lr.perm, dtype=np.int64))
+                fc, proj = block.mlp.c_fc, block.mlp.c_proj
+                fc.weight.copy_(fc.weight[:, perm])
+                fc.bias.copy_(fc.bias[perm])
+                proj.weight.copy_(proj.weight[perm, :])
+
+    def permute_importance(self, gguf_name: str, imp: np.ndarray, n_rows: int) -> np.ndarray:
+        """A per-column importance vector of tensor `gguf_name` in the order `permute` gives its columns."""
+        full = np.ascontiguousarray(np.broadcast_to(imp, (n_rows, imp.shape[-1])))
+        return self.permute(gguf_name, full)[0]
+
     def write_metadata(self, writer) -> None:
         write_hypercube(writer, self.calibration, self.concepts)
 
