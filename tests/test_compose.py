@@ -65,7 +65,8 @@ def test_gptq_with_hypercube_is_one_file_in_vertex_order(composed, checkpoints, 
     err = {k: float(np.mean((llama_logits(f, probe) - ref) ** 2)) for k, f in composed.items()}
     assert err["gptq-cube"] < err["rtn-cube"], err
     # GPTQ's block scales now span other columns of ffn_down (vertex order): not the same bytes,
-    # the same quality (measured within 5 % of each other on this fixture)
+    # the same quality (mean squared logit error measured 0.1517 against GPTQ alone 0.1516, round
+    # to nearest with the hypercube 0.237)
     assert err["gptq-cube"] < 1.25 * err["gptq"], err
 
 
@@ -80,10 +81,12 @@ def test_gptq_hypercube_file_routes_as_the_torch_reference(composed, calib_file,
         got, vertices = m.eval(probe, radius, want_vertices=True)
     ref_own, ref_vertices = routed_forward(model_from_gguf(path), info, probe, radius)
     # float vs q8_K activations may move a token whose router margin is near 0 to a neighbour
+    # (measured 99.2 % and 100 % of the routing decisions equal; logits then 0.11 and 0.16 x std
+    # from the reference, and the dense FFN 4.5 and 2.6 x std away)
     assert np.mean(vertices == ref_vertices) > 0.9
     ref, _ = routed_forward(model_from_gguf(path), info, probe, radius, vertices_in=vertices)
-    assert np.abs(got - ref).max() / ref.std() < ACT_TOL
     dense, _ = routed_forward(model_from_gguf(path), info, probe, 2)
+    assert np.abs(got - ref).max() / ref.std() < ACT_TOL
     assert np.abs(dense - ref).max() / ref.std() > 2 * ACT_TOL  # the routing changed the output
 
 
