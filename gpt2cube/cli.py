@@ -125,22 +125,34 @@ def main() -> None:
 @click.option("--imatrix", "imatrix_file", type=click.Path(path_type=Path), default=None,
               help="Importance matrix (`gpt2cube imatrix`, or llama-imatrix's .gguf / .dat): q4_0, q4_k and q6_k "
                    "linear tensors minimise the importance-weighted error, as llama-quantize --imatrix does.")
+@click.option("--eval-text", type=click.Path(path_type=Path), default=None,
+              help="With a pipeline --recipe: held-out text scored before (SRC as f16) and after, in llama.cpp "
+                   "(and the routed engine for a hypercube file).")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 @_fail_cleanly
-def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_file: Path | None,
+@click.pass_context
+def convert(cctx, src: Path, out: Path, out_type: str, embed_type: str | None, recipe_file: Path | None,
             ternary_scale: str | None, strict: bool, method: str, gptq_damp: float, gptq_block: int, act_order: bool,
             calib_ctx: int | None, hypercube_dim: int | None, calib: Path | None, calib_tokens: int,
             hypercube_from: Path | None, router: str, router_radius: int | None, concepts: Path | None, concept_layer: int | None,
-            imatrix_file: Path | None, force: bool, quiet: bool, as_json: bool) -> None:
+            imatrix_file: Path | None, eval_text: Path | None, force: bool, quiet: bool, as_json: bool) -> None:
     """Convert the Hugging Face checkpoint directory SRC to a GGUF file.
 
     Norms and biases always stay f32. Ternary types (tq1_0, tq2_0) apply BitNet b1.58 absmean
-    ternarization first; sparsity per tensor is reported."""
+    ternarization first; sparsity per tensor is reported. A --recipe with [[step]] tables is a
+    pipeline (prune, imatrix, quantize, hypercube in that order; gpt2cube/pipeline.py): it
+    takes everything from the file except --calib, --eval-text, --force, --quiet and --json."""
     from .converter import convert as run_convert
     from .converter.plan import DEFAULT_TERNARY_SCALE, Recipe, embed_type_for, load_recipe_file, ternary_scale_for
+    from .pipeline import is_pipeline
 
+    if recipe_file is not None and is_pipeline(recipe_file):
+        _convert_pipeline(cctx, src, out, recipe_file, calib, eval_text, force, quiet, as_json)
+        return
+    if eval_text is not None:
+        raise click.UsageError("--eval-text goes with a pipeline --recipe (a recipe with [[step]] tables)")
     patterns = load_recipe_file(recipe_file) if recipe_file else []
     # GPTQ rounds onto the scale it starts from and absmean starts it far off (reference, tq2_0,
     # --act-order, torch on 6 held-out windows: 7.5x the f16 PPL per tensor, 4.2x per row, 1.19x
@@ -190,6 +202,34 @@ def convert(src: Path, out: Path, out_type: str, embed_type: str | None, recipe_
              f"max {max(sp):.3f} (per tensor: --json or gpt2cube inspect)")
     types = ", ".join(f"{n} {t}" for t, n in result.tensor_types.items())
     click.echo(f"wrote {result.output} ({result.bytes / 1e6:.2f} MB, {types}) in {result.seconds:.2f} s")
+
+
+def _convert_pipeline(cctx, src: Path, out: Path, recipe_file: Path, calib: Path | None, eval_text: Path | None,
+                      force: bool, quiet: bool, as_json: bool) -> None:
+    from .pipeline import load_pipeline, run_pipeline
+
+    own = {"src", "out", "recipe_file", "calib", "eval_text", "force", "quiet", "as_json"}
+    given = [k for k in cctx.params if k not in own
+             and cctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        opt = "--" + given[0].replace("_file", "").replace("out_type", "type").replace("_", "-")
+        raise click.UsageError(f"{opt} is set by the pipeline recipe {recipe_file}; give it in the recipe's steps")
+    pipe = load_pipeline(recipe_file)
+    summary = run_pipeline(src, out, pipe, calib=calib, eval_text=eval_text, force=force, progress=not quiet, log=_log)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    line = f"before: {summary['before_bytes'] / 1e6:.2f} MB (f16)"
+    if "before_ppl" in summary:
+        line += f", PPL {summary['before_ppl']:.2f}"
+    line += f" -> after: {summary['bytes'] / 1e6:.2f} MB"
+    if "after_ppl" in summary:
+        line += f", PPL {summary['after_ppl']:.2f} ({summary['ppl_ratio']:.3f}x)"
+    if "routed_ppl" in summary:
+        line += f", routed at radius {summary['routed_radius']}: PPL {summary['routed_ppl']:.2f} ({summary['routed_ppl_ratio']:.3f}x)"
+    if "eval_tokens" in summary:
+        line += f" on {summary['eval_tokens']} tokens of {Path(summary['eval_text']).name}"
+    click.echo(f"wrote {out} in {summary['seconds']:.1f} s; {line}")
 
 
 @main.command()

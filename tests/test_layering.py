@@ -17,8 +17,9 @@ LAYERS = {
     "hypercube": 4, "engine": 4,
     "eval": 5, "inspect_gguf": 5, "loop": 5, "calib": 5,
     "train": 6,
-    "finetune": 7, "prune": 7, "synth": 7, "demo": 7, "chat": 7,
-    "cli": 8, "__main__": 8,
+    "finetune": 7, "prune": 7, "synth": 7, "chat": 7,
+    "pipeline": 8, "demo": 8,
+    "cli": 9, "__main__": 9,
 }
 
 
