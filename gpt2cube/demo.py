@@ -28,6 +28,7 @@ from .hypercube.build import HypercubeOptions
 from .hypercube.topology import Hypercube
 from .kernels import QUANT_TYPES
 from .models import hf_logits, load_hf_model, model_from_gguf
+from .pipeline import Pipeline, load_pipeline, run_pipeline
 from .synth import make_random_gpt2
 from .tokenizers import encode_text, hf_tokenizer
 
@@ -36,6 +37,7 @@ REFERENCE = ROOT / "models" / "reference"
 # the QAT-recovered reference (models/reference-ternary/RECOVERY.md): ternary linear layers, Q4_K embeddings
 RECOVERED = ROOT / "models" / "reference-ternary" / "reference-tq2_0.gguf"
 HELD_OUT_BOOK = ROOT.parent / "shared" / "data" / "gutenberg" / "books" / "pg35.txt"
+CALIB_BOOK = ROOT.parent / "shared" / "data" / "gutenberg" / "books" / "pg11.txt"  # a training book
 TEXT = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
     "age of foolishness, it was the epoch of belief, it was the epoch of incredulity."
@@ -67,12 +69,38 @@ def run_demo(workdir: Path | None, log: Callable[[str], None], model: Path | Non
             seconds = time.perf_counter() - t0
             rows.append(_file_row(name, out, tokens, ref, book, max_windows, bench_repeats, convert_s=round(seconds, 2)))
             log(f"{name}: done")
+        if model == REFERENCE and CALIB_BOOK.is_file() and not types:
+            for label, pipe in _calibrated():
+                out = root / f"model-{label.split()[0]}-calibrated.gguf"
+                t0 = time.perf_counter()
+                run_pipeline(src, out, pipe, force=True, progress=False, log=lambda m: None)
+                rows.append(_file_row(label, out, tokens, ref, book, max_windows, bench_repeats,
+                                      convert_s=round(time.perf_counter() - t0, 2)))
+                log(f"{label}: done")
         if model == REFERENCE and RECOVERED.is_file() and not types:
             # the shipped recovered file: its logits against transformers on its own (dequantized) weights
             rec_ref = hf_logits(model_from_gguf(RECOVERED), tokens)
             rows.append(_file_row("tq2_0 QAT (shipped)", RECOVERED, tokens, rec_ref, book, max_windows, bench_repeats))
             log("recovered ternary: done")
         return rows
+
+
+SMALLEST = ROOT / "recipes" / "reference-smallest.toml"
+
+
+def _calibrated() -> list[tuple[str, Pipeline]]:
+    """The calibrated rows, without training: q4_k with an importance matrix, tq2_0 by GPTQ
+    (act-order, row-fit scales, imatrix), and the smallest recipe within 1.10x f16."""
+    calib = {"text": str(CALIB_BOOK), "tokens": 16384, "ctx": 512}
+    imatrix = {"tokens": 65536}
+    rows = [("q4_k imatrix", Pipeline(Path("demo"), {"imatrix": imatrix, "quantize": {"type": "q4_k"}}, calib)),
+            ("tq2_0 gptq+imatrix", Pipeline(Path("demo"), {"imatrix": imatrix, "quantize": {
+                "type": "tq2_0", "method": "gptq", "act_order": True}}, calib))]
+    if SMALLEST.is_file():
+        pipe = load_pipeline(SMALLEST)
+        pipe.calib["text"] = str(CALIB_BOOK)
+        rows.append(("smallest recipe (tq1_0 mix)", pipe))
+    return rows
 
 
 def _file_row(name: str, out: Path, tokens: list[int], ref: np.ndarray, book: str | None, max_windows: int,
@@ -104,9 +132,6 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
-
-
-CALIB_BOOK = ROOT.parent / "shared" / "data" / "gutenberg" / "books" / "pg11.txt"  # a training book
 
 
 def run_routed_demo(workdir: Path | None, log: Callable[[str], None], model: Path | None = None,
