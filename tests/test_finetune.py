@@ -99,7 +99,7 @@ def test_fallback_types_follow_convert(tmp_path):
     convert(ckpt, out, recipe, progress=False, log=lambda m: None)
     _assert_file_holds_qat_values(ckpt, out, recipe)
     with pytest.raises(InputError, match="cannot be tq2_0"):
-        QuantizedWeights(load_hf_model(ckpt), Recipe(linear="tq2_0", strict=True))
+        QuantizedWeights(load_hf_model(ckpt), Recipe(linear="tq2_0", embed="q8_0", strict=True))
 
 
 def test_active_blends_and_restores(student):
@@ -184,13 +184,14 @@ def test_convert_uses_the_ternary_scale_qat_trained_with(student, corpus, tmp_pa
     res = CliRunner().invoke(main, ["convert", str(out), "-o", str(gguf), "--type", "tq2_0", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "warning" not in res.stderr
-    _assert_file_holds_qat_values(out, gguf, Recipe(linear="tq2_0", ternary_scale="row"))
+    # QAT kept q8_0 embeddings (ternary QAT's default) and convert takes the recorded type
+    _assert_file_holds_qat_values(out, gguf, Recipe(linear="tq2_0", embed="q8_0", ternary_scale="row"))
     other = tmp_path / "tensor.gguf"
     res = CliRunner().invoke(main, ["convert", str(out), "-o", str(other), "--type", "tq2_0", "--ternary-scale",
                                     "tensor", "--quiet"])
     assert res.exit_code == 0, res.output
     assert "trained with --ternary-scale row" in res.stderr
-    _assert_file_holds_qat_values(out, other, Recipe(linear="tq2_0", ternary_scale="tensor"))
+    _assert_file_holds_qat_values(out, other, Recipe(linear="tq2_0", embed="q8_0", ternary_scale="tensor"))
     assert not np.array_equal(_gguf_weights(gguf)["blk.0.ffn_up.weight"], _gguf_weights(other)["blk.0.ffn_up.weight"])
     (out / "finetune.json").write_text("{not json")
     bad = tmp_path / "bad.gguf"
