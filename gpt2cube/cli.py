@@ -183,8 +183,13 @@ def convert(cctx, src: Path, out: Path, out_type: str, embed_type: str | None, r
     imatrix = None
     if imatrix_file is not None:
         from .calib.imatrix_file import read_imatrix
+        from .converter.plan import recorded_ternary_scale
 
         imatrix = read_imatrix(imatrix_file)
+        if src.is_dir() and recorded_ternary_scale(src) in FITTED_TERNARY_SCALES:
+            _log(f"warning: {src} was quantization-aware trained with the unweighted --ternary-scale "
+                 f"{recorded_ternary_scale(src)}; --imatrix weighs the ternary scales, so the file stores other "
+                 "values than it was trained on")
     gptq = None
     if method == "gptq":
         from .calib.sequential import GptqConvert
@@ -706,9 +711,17 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
 @click.option("--embed-type", type=click.Choice(sorted(QUANT_TYPES)), default=None,
               help="As convert's --embed-type [default: q8_0 for ternary --qat, else --qat].")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None, help="As convert's --recipe.")
-@click.option("--ternary-scale", type=click.Choice(TERNARY_SCALES), default="tensor", show_default=True,
-              help="As convert's --ternary-scale.")
+@click.option("--ternary-scale", type=click.Choice(TERNARY_SCALES + FITTED_TERNARY_SCALES), default=None,
+              help="As convert's --ternary-scale [default: row-fit with --init gptq, a --init file's own rule, "
+                   "else tensor].")
 @click.option("--strict", is_flag=True, help="As convert's --strict: no row-length fallbacks.")
+@click.option("--init", default=None, metavar="gptq|FILE.gguf",
+              help="With --qat: start from the values a calibrated conversion stores instead of rounding the "
+                   "checkpoint to nearest. gptq: GPTQ (act-order) on --calib now; FILE.gguf: a file converted from "
+                   "this checkpoint with the same types (e.g. convert --method gptq --imatrix).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None, help="--init gptq: calibration text (UTF-8).")
+@click.option("--calib-tokens", type=int, default=16_384, show_default=True, help="--init gptq: calibration tokens.")
+@click.option("--calib-ctx", type=int, default=None, help="--init gptq: calibration window [default: min(512, n_ctx)].")
 @click.option("--qat-warmup", type=int, default=0, show_default=True,
               help="Steps over which the quantized weights are blended in (lambda 0 -> 1); 0 switches at once.")
 @click.option("--routed", type=click.Path(path_type=Path), default=None,
@@ -752,7 +765,7 @@ def train(corpus, out, preset, n_layer, n_embd, n_head, ctx, tokens, batch_size,
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @_fail_cleanly
 def finetune(src, out, task, corpus, holdout, exclude, data, split_name, qat, embed_type, recipe_file, ternary_scale, strict,
-             qat_warmup, routed, radius, freeze_embeddings, lm_weight, distill, distill_weight, temperature, tokens, batch_size, ctx, lr,
+             init, calib, calib_tokens, calib_ctx, qat_warmup, routed, radius, freeze_embeddings, lm_weight, distill, distill_weight, temperature, tokens, batch_size, ctx, lr,
              warmup_steps, weight_decay, dropout, eval_every, seed, device, threads, precision, stop_at, resume, force,
              micro_batch, fsdp, dist_timeout, quiet, as_json) -> None:
     """Fine-tune the GPT-2 checkpoint SRC: recover a compressed model's quality (QAT, distillation)
@@ -774,6 +787,7 @@ def finetune(src, out, task, corpus, holdout, exclude, data, split_name, qat, em
     cfg = FinetuneConfig(src=str(src), out=str(out), task=task, corpus=[str(c) for c in corpus],
                          holdout=[str(h) for h in holdout], exclude=[str(e) for e in exclude], data=str(data) if data else None, split=split_name,
                          qat=qat, embed_type=embed_type, recipe=patterns, ternary_scale=ternary_scale, strict=strict,
+                         init=init, calib=str(calib) if calib else None, calib_tokens=calib_tokens, calib_ctx=calib_ctx,
                          qat_warmup=qat_warmup, routed=str(routed) if routed else None, radius=radius,
                          freeze_embeddings=freeze_embeddings, lm_weight=lm_weight,
                          distill=str(distill) if distill else None, distill_weight=distill_weight,

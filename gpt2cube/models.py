@@ -122,7 +122,7 @@ def load_hf_model(model_dir: Path):
     return GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def _file_weight(tensor, spec: TensorSpec, path: Path) -> np.ndarray:
+def file_weight(tensor, spec: TensorSpec, path: Path) -> np.ndarray:
     """A GGUF tensor dequantized into the HF layout of `spec`'s source tensor."""
     w = dequantize_tensor(tensor, spec.shape, path)
     return w.T if spec.transpose else w
@@ -131,7 +131,7 @@ def _file_weight(tensor, spec: TensorSpec, path: Path) -> np.ndarray:
 def dequantized_state(gguf_path: Path, src: Path) -> dict[str, np.ndarray]:
     """HF state-dict entries (source names and layouts) holding the file's dequantized weights."""
     tensors = {t.name: t for t in read_gguf(gguf_path).tensors}
-    return {spec.src_name: _file_weight(tensors[spec.gguf_name], spec, gguf_path)
+    return {spec.src_name: file_weight(tensors[spec.gguf_name], spec, gguf_path)
             for spec in arch_for(open_checkpoint(src)).tensor_specs()}
 
 
@@ -171,7 +171,7 @@ def model_from_gguf(gguf_path: Path):
         if t is None:
             raise GGUFFormatError(f"{gguf_path}: tensor {spec.gguf_name} is missing")
         quant_type_of(t, gguf_path)
-    return hf_gpt2(config, specs, lambda spec: _file_weight(tensors[spec.gguf_name], spec, gguf_path))
+    return hf_gpt2(config, specs, lambda spec: file_weight(tensors[spec.gguf_name], spec, gguf_path))
 
 
 def hf_logits(model, tokens: list[int]) -> np.ndarray:

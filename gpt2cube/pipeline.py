@@ -59,7 +59,7 @@ from .kernels import QUANT_TYPES
 from .kernels.ternary import FITTED_SCALE_MODES, SCALE_MODES
 from .prune import PruneConfig
 from .prune import prune as run_prune
-from .prune.importance import MEASURES
+from .prune.importance import MEASURES, WEIGHT_ONLY
 
 STEPS = ("prune", "imatrix", "quantize", "hypercube")  # the order a pipeline runs them in
 
@@ -109,7 +109,7 @@ class Pipeline:
     @property
     def _prune_reads_text(self) -> bool:
         p = self.steps["prune"]
-        return p.get("bias_compensation", True) or p.get("importance", "activation") not in ("magnitude", "random")
+        return p.get("bias_compensation", True) or p.get("importance", "activation") not in WEIGHT_ONLY
 
 
 def read_toml(path: Path) -> dict:
@@ -268,7 +268,7 @@ def run_pipeline(src: Path, out: Path, p: Pipeline, *, calib: Path | None = None
             log(f"pipeline: {name} done in {time.perf_counter() - t0:.1f} s")
         summary["seconds"] = round(time.perf_counter() - t_start, 2)
         summary["bytes"] = out.stat().st_size
-        summary.update(_before_after(src, out, p, eval_text, work, log))
+        summary.update(_before_after(src, out, p, eval_text, min(512, arch.n_ctx), work, log))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return summary
@@ -294,7 +294,7 @@ def _convert(src: Path, out: Path, p: Pipeline, text: Path | None, tokens: int, 
                    method=gptq)
 
 
-def _before_after(src: Path, out: Path, p: Pipeline, eval_text: Path | None, work: Path, log) -> dict:
+def _before_after(src: Path, out: Path, p: Pipeline, eval_text: Path | None, ctx: int, work: Path, log) -> dict:
     """Sizes, and with `eval_text` the PPL of SRC as f16 and of OUT in llama.cpp (and, for a
     hypercube file, in the routed engine at the radius its router was fitted for)."""
     from .eval.perplexity import llama_perplexity
@@ -305,7 +305,6 @@ def _before_after(src: Path, out: Path, p: Pipeline, eval_text: Path | None, wor
     if eval_text is None:
         return res
     text = eval_text.read_text(encoding="utf-8", errors="replace")
-    ctx = min(512, arch_for(open_checkpoint(src)).n_ctx)
     before = llama_perplexity(f16, text, ctx)
     after = llama_perplexity(out, text, ctx)
     res.update(eval_text=str(eval_text), before_ppl=round(before.ppl, 3), after_ppl=round(after.ppl, 3),

@@ -70,6 +70,7 @@ def _assert_file_holds_qat_values(ckpt: Path, gguf: Path, recipe: Recipe) -> int
 RECIPES = {
     "tq2_0": Recipe(linear="tq2_0"),                                   # embeddings q6_k
     "tq1_0-row-q4k": Recipe(linear="tq1_0", embed="q4_k", ternary_scale="row"),
+    "tq2_0-row-fit": Recipe(linear="tq2_0", embed="q8_0", ternary_scale="row-fit"),  # --init gptq's rule
     "q4_k": Recipe(linear="q4_k"),
     "q4_0": Recipe(linear="q4_0", embed="q8_0"),
     "q8_0": Recipe(linear="q8_0", embed="f16"),

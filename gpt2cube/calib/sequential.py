@@ -54,34 +54,48 @@ class GptqConvert:
         neurons in the file's order before GPTQ runs, so the bytes it hands back are already in
         that order and the converter must not permute them again (it permutes only the tensors it
         encodes itself: biases, and linear tensors without a grid)."""
-        from ..hypercube.calibrate import calibration_tokens
         from ..models import load_hf_model
 
         if type(arch) is not GPT2:  # a gpt2cube variant has other blocks (and may not convert to gpt2)
             raise UnsupportedArchitecture(f"{ckpt.path}: --method gptq needs a GPT-2 (GPT2LMHeadModel); this "
                                           f"checkpoint converts to llama.cpp's {arch.gguf_arch!r} architecture")
-        ctx = min(512, arch.n_ctx) if self.ctx is None else self.ctx
-        if not 16 <= ctx <= arch.n_ctx:
-            raise InputError(f"--calib-ctx {ctx}; expected 16 .. {arch.n_ctx} (the model's context)")
-        tokens, sha = calibration_tokens(self.calib, self.calib_tokens, arch.n_vocab)
+        windows, calibration = self.windows(arch.n_ctx, arch.n_vocab)
+        t0 = time.perf_counter()
+        model = load_hf_model(ckpt.path)
+        encoded = self.quantize_model(model, windows, planned, log, reorder)
+        log(f"gptq: {len(encoded)} tensors on {len(windows)} windows of {windows.shape[1]} tokens in "
+            f"{time.perf_counter() - t0:.1f} s")
+        return GptqBuild(encoded, calibration, self)
+
+    def windows(self, n_ctx: int, n_vocab: int) -> tuple[np.ndarray, dict]:
+        """The calibration windows (n, ctx) and their record (tokens, sha256, file); too short a text
+        (or a window outside 16 .. n_ctx) is one clear line."""
+        from ..hypercube.calibrate import calibration_tokens
+
+        ctx = min(512, n_ctx) if self.ctx is None else self.ctx
+        if not 16 <= ctx <= n_ctx:
+            raise InputError(f"--calib-ctx {ctx}; expected 16 .. {n_ctx} (the model's context)")
+        tokens, sha = calibration_tokens(self.calib, self.calib_tokens, n_vocab)
         n_win = len(tokens) // ctx
         if n_win < 1:
             raise InputError(f"{self.calib}: {len(tokens)} calibration tokens (of --calib-tokens {self.calib_tokens}); "
                              f"--method gptq needs at least one window of {ctx} tokens")
+        return tokens[: n_win * ctx].reshape(n_win, ctx), {"tokens": int(n_win * ctx), "sha256": sha,
+                                                           "file": str(self.calib)}
+
+    def quantize_model(self, model, windows: np.ndarray, planned, log: Callable[[str], None],
+                       reorder=None) -> dict[str, tuple[np.ndarray, dict]]:
+        """GPTQ on a float32 transformers GPT-2 in place: every planned linear weight with a grid
+        ends holding the values its bytes decode to; GGUF name -> (bytes, stats)."""
         targets = {p.spec.gguf_name: p for p in planned if p.spec.role == "linear" and p.qtype.has_grid}
         importance = {}
         if self.imatrix is not None:
             importance = {n: self.imatrix.checked(n, p.spec.shape[-1]) for n, p in targets.items()}
-        t0 = time.perf_counter()
-        model = load_hf_model(ckpt.path)
         if reorder is not None:
             reorder.permute_model(model)
             importance = {n: reorder.permute_importance(n, imp, targets[n].spec.shape[0]) for n, imp in importance.items()}
         mods = linear_modules(model, [p.spec for p in targets.values()])
-        windows = tokens[: n_win * ctx].reshape(n_win, ctx)
-        encoded = run_gptq(model, windows, targets, mods, importance, self, log)
-        log(f"gptq: {len(encoded)} tensors on {n_win} windows of {ctx} tokens in {time.perf_counter() - t0:.1f} s")
-        return GptqBuild(encoded, {"tokens": int(n_win * ctx), "sha256": sha, "file": str(self.calib)}, self)
+        return run_gptq(model, windows, targets, mods, importance, self, log)
 
 
 def run_gptq(model, windows: np.ndarray, targets: dict, mods: dict, importance: dict, cfg: GptqConvert,

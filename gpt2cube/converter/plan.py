@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..errors import InputError
 from ..kernels import QUANT_TYPES, QuantType, get_quant_type
-from ..kernels.ternary import SCALE_MODES
+from ..kernels.ternary import FITTED_SCALE_MODES, SCALE_MODES
 from .arch import TensorSpec
 
 EMBED_ROLES = ("token_embd", "position_embd", "output")
@@ -189,6 +189,7 @@ def recorded_ternary_scale(src: Path) -> str | None:
     if not any(t in QUANT_TYPES and get_quant_type(t).is_ternary for t in types if isinstance(t, str)):
         return None
     scale = config.get("ternary_scale", DEFAULT_TERNARY_SCALE)
-    if scale not in SCALE_MODES:
-        raise InputError(f"{path}: config.ternary_scale is {scale!r}; expected one of {', '.join(SCALE_MODES)}")
+    if scale not in SCALE_MODES + FITTED_SCALE_MODES:
+        raise InputError(f"{path}: config.ternary_scale is {scale!r}; expected one of "
+                         f"{', '.join(SCALE_MODES + FITTED_SCALE_MODES)}")
     return scale

@@ -7,7 +7,12 @@ so a model trained on these values and then converted computes with bit-identica
 
 Per encoding, a registry entry (`FAKE_QUANT[name]`):
  - floats and the ternary types have torch twins (they run on the training device): ternary is
-   BitNet b1.58 absmean with the scale rounded to float16 first, as `kernels.ternary` does;
+   BitNet b1.58 absmean with the scale rounded to float16 first, as `kernels.ternary` does; the
+   fitted scale rule ("row-fit", what `convert --method gptq` stores) takes each row's scale from
+   the converter's own search (`kernels.ternary.fitted_row_scale`, numpy on a CPU copy: exact by
+   construction) and rounds on the device. A row already of the form s * {-1, 0, 1} (a GPTQ file's
+   values: `finetune --init gptq`) is a fixed point of every rule, so training starts on exactly
+   the stored values;
  - every other type (q8_0, q4_0, q4_k, ...) runs the converter's own numpy encoder and decoder
    (`QuantType.encode` then `dequantize`) on a CPU copy: exact by construction, slower.
 Tests hold each entry against the dequantized tensors of a converted GGUF, tensor by tensor.
@@ -20,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from ..kernels import get_quant_type
-from ..kernels.ternary import EPS
+from ..kernels.ternary import EPS, FITTED_SCALE_MODES, fitted_row_scale
 
 # (matrix in GGUF layout (rows, ne0) float32 torch tensor, ternary scale mode) -> same shape
 FakeQuant = Callable[["object", str], "object"]
@@ -74,7 +79,11 @@ def ternary_scale(w, mode: str):
 def _ternary(w, mode: str):
     import torch
 
-    s = ternary_scale(w, mode)
+    if mode in FITTED_SCALE_MODES:
+        x = np.ascontiguousarray(w.detach().float().cpu().numpy())
+        s = torch.from_numpy(fitted_row_scale(x)).to(w.device)
+    else:
+        s = ternary_scale(w, mode)
     return torch.clamp(torch.round(w / s), -1, 1) * s
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 
+from ..calib.gptq import GPTQ_TERNARY_SCALE
 from ..converter.plan import QAT_TERNARY_EMBED_TYPE, Recipe
 from ..errors import InputError
 from ..kernels import get_quant_type
@@ -30,6 +31,7 @@ from ..tokenizers import hf_tokenizer
 from ..loop.core import Job, LoopConfig, check_launch, micro_batch, run
 from ..loop.schedule import pick_device, pick_precision
 from ..loop.world import agree, device_for, joined
+from .init import GPTQ_INIT, check_init, file_scale_rule, start_from
 from .qat import QuantizedWeights
 from .routing import RoutingMask
 from .losses import HeadLoss
@@ -51,7 +53,8 @@ QAT_FREEZES_EMBEDDINGS = {"lm": True, "spam": False}
 # settings that may change on --resume without changing what is trained
 RESUMABLE_CHANGES = {"stop_at", "device", "out", "micro_batch", "dist_timeout"}
 # settings added after runs were recorded, with the value that reproduces what such runs did
-LEGACY_DEFAULTS = {"lm_weight": 0.0, "micro_batch": None, "fsdp": False, "dist_timeout": 600.0}
+LEGACY_DEFAULTS = {"lm_weight": 0.0, "micro_batch": None, "fsdp": False, "dist_timeout": 600.0, "init": None,
+                   "calib": None, "calib_tokens": 16_384, "calib_ctx": None}
 
 
 def recorded_config(saved: dict) -> dict:
@@ -72,8 +75,12 @@ class FinetuneConfig:
     qat: str | None = None
     embed_type: str | None = None
     recipe: list[tuple[str, str]] = field(default_factory=list)
-    ternary_scale: str = "tensor"
+    ternary_scale: str | None = None  # default: row-fit from --init gptq, a file's own rule, else tensor
     strict: bool = False
+    init: str | None = None        # where QAT starts: None (the checkpoint), "gptq", or a GGUF file (finetune.init)
+    calib: str | None = None       # --init gptq: calibration text
+    calib_tokens: int = 16_384
+    calib_ctx: int | None = None
     qat_warmup: int = 0            # steps over which lam goes 0 -> 1 (0: abrupt)
     routed: str | None = None      # a hypercube GGUF whose routing the forward pass applies
     radius: int | None = None      # its ball radius [default: the radius its router was fitted for, else 1]
@@ -109,6 +116,8 @@ class FinetuneConfig:
                 d[k] = v
         if d["freeze_embeddings"] is None:
             d["freeze_embeddings"] = self.qat is not None and QAT_FREEZES_EMBEDDINGS[self.task]
+        if d["ternary_scale"] is None:
+            d["ternary_scale"] = (GPTQ_TERNARY_SCALE if self.init == GPTQ_INIT else file_scale_rule(self.init)) or "tensor"
         d["recipe"] = [tuple(p) for p in d["recipe"]]
         return FinetuneConfig(**d)
 
@@ -133,6 +142,9 @@ def _check_numbers(cfg: FinetuneConfig) -> None:
         raise InputError(f"--temperature {cfg.temperature}; expected a positive number")
     if cfg.ctx is not None and cfg.ctx < 2:
         raise InputError(f"--ctx {cfg.ctx}; expected at least 2")
+    if cfg.calib_tokens < 1:
+        raise InputError(f"--calib-tokens {cfg.calib_tokens}; expected a positive number")
+    check_init(cfg.init, cfg.qat, cfg.calib)
 
 
 def _tokenizer_for(src: Path):
@@ -180,8 +192,8 @@ def _objective(head: HeadLoss):
 
 class FinetuneJob(Job):
     def __init__(self, cfg: FinetuneConfig, model, task, head: HeadLoss, qw, device: str, precision: str,
-                 src: Path, out: Path) -> None:
-        self.cfg, self.model, self.task, self.head, self.qw = cfg, model, task, head, qw
+                 src: Path, out: Path, start: dict | None = None) -> None:
+        self.cfg, self.model, self.task, self.head, self.qw, self.start = cfg, model, task, head, qw, start
         self.device, self.precision, self.src, self.out = device, precision, src, out
         self.objective = _objective(head)
         self.capacity = task.capacity
@@ -223,7 +235,7 @@ class FinetuneJob(Job):
             with torch.random.fork_rng(devices=[]):
                 model = type(self.model)(self.model.config)
             model.load_state_dict(state)
-        _export(model, self.cfg, self.src, self.out, best, self.qw)
+        _export(model, self.cfg, self.src, self.out, best, self.qw, self.start)
 
 
 def finetune(cfg: FinetuneConfig, *, resume: bool = False, force: bool = False, progress: bool = True,
@@ -298,6 +310,10 @@ def _setup(cfg: FinetuneConfig, resume: bool, force: bool, world, device: str, l
         embed = QAT_TERNARY_EMBED_TYPE
     recipe = Recipe(linear=cfg.qat, embed=embed, patterns=list(cfg.recipe),
                     ternary_scale=cfg.ternary_scale, strict=cfg.strict) if cfg.qat else None
+    start = None
+    if cfg.init and not resume:  # a resumed run has its weights from train_state.pt
+        start = start_from(model, recipe, cfg.init, calib=cfg.calib, calib_tokens=cfg.calib_tokens,
+                           calib_ctx=cfg.calib_ctx, log=log)
 
     device = device_for(world, device)
     precision = pick_precision(cfg.precision, device)
@@ -320,7 +336,7 @@ def _setup(cfg: FinetuneConfig, resume: bool, force: bool, world, device: str, l
         teacher.to(device).eval().requires_grad_(False)
     head = HeadLoss(model, teacher, cfg.distill_weight if teacher is not None else 0.0, cfg.temperature, device,
                     precision == "bf16")
-    job = FinetuneJob(cfg, model, task, head, qw, device, precision, src, out)
+    job = FinetuneJob(cfg, model, task, head, qw, device, precision, src, out, start)
     micro_batch(LoopConfig(out=out, steps=1, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=0, weight_decay=0.0,
                            eval_every=1, seed=cfg.seed, micro_batch=cfg.micro_batch), world, job)
     return job, saved
@@ -344,10 +360,12 @@ def _convert_hint(cfg: FinetuneConfig, out: Path) -> str:
     return " ".join(parts)
 
 
-def _export(model, cfg: FinetuneConfig, src: Path, out: Path, best: dict, qw) -> None:
+def _export(model, cfg: FinetuneConfig, src: Path, out: Path, best: dict, qw, start: dict | None = None) -> None:
     """The checkpoint as a standard HF directory (fp32 latent weights), swapped in atomically
     file by file from a complete temporary export."""
     record = {"source": str(src), "config": asdict(cfg), "best": {k: v for k, v in best.items() if k != "select"}}
+    if start is not None:
+        record["start"] = start
     if qw:
         record["qat_tensor_types"] = qw.types()
     if qw or cfg.routed:
