@@ -58,6 +58,34 @@ def test_resume_is_exact(corpus, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_after_a_crash_logs_each_step_once(corpus, tmp_path, monkeypatch):
+    """A run that dies between evaluations (state saved at step 4, rows 5 and 6 logged, a torn
+    line from the crash): the resumed log is the uninterrupted run's, row for row."""
+    import gpt2cube.loop.core as core
+
+    whole, crashed = tmp_path / "whole", tmp_path / "crashed"
+    train(_cfg(corpus, whole), progress=False)
+    real = core.cosine_lr
+
+    def dies_at_step_6(step, *a):
+        if step == 6:
+            with open(crashed / "train_log.jsonl", "a") as f:
+                f.write('{"step": 7, "lo')  # a line cut short by the kill
+            raise RuntimeError("killed")
+        return real(step, *a)
+
+    monkeypatch.setattr(core, "cosine_lr", dies_at_step_6)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(_cfg(corpus, crashed), progress=False)
+    assert [r["step"] for r in map(json.loads, (crashed / "train_log.jsonl").read_text().splitlines()[:-1])] == \
+        [1, 2, 3, 4, 5, 6]
+    monkeypatch.setattr(core, "cosine_lr", real)
+    train(_cfg(corpus, crashed), resume=True, progress=False)
+    a, b = _log(whole), _log(crashed)
+    assert [r["step"] for r in b] == list(range(1, 13))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
 def test_checkpoint_converts_and_runs_in_llama_cpp(corpus, tmp_path):
     from transformers import GPT2LMHeadModel
 

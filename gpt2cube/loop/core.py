@@ -223,6 +223,30 @@ def _append(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def trim_log(path: Path, step: int) -> int:
+    """On resume from `step`: keep the log's rows up to that step (the saved state), drop the rows
+    a crashed run wrote after it (the resumed run logs those steps again) and a line cut short by
+    the crash; rewritten atomically. Returns the rows dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and int(row["step"]) <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept), encoding="utf-8")
+        tmp.replace(path)
+    return dropped
+
+
 def run(job: Job, cfg: LoopConfig, world: World, device: str, saved: dict | None = None, *,
         progress: bool = True) -> dict:
     """Train `job` for cfg.steps (or to cfg.stop_at); returns {step, tokens, seconds, best, last}.
@@ -310,6 +334,8 @@ def _run(job: Job, cfg: LoopConfig, world: World, device: str, saved: dict | Non
         out.mkdir(parents=True, exist_ok=True)
         if saved is None:
             log_path.unlink(missing_ok=True)
+        else:  # rows a crash left past the saved step would be logged twice
+            trim_log(log_path, step)
     if saved is None and cfg.validate_first:
         first = validate()
         best = {"step": 0, "tokens": 0, **first}
@@ -354,9 +380,10 @@ def _run(job: Job, cfg: LoopConfig, world: World, device: str, saved: dict | Non
             if not cfg.keep_best or best is None or v["select"] < best["select"]:
                 best = {"step": step, "tokens": seen, **v}
                 export(best)
-            save_state(step, secs)
-        if world.main:
+        if world.main:  # before the state: a crash in between leaves a row that resume trims, not a gap
             _append(log_path, last)
+        if step % cfg.eval_every == 0 or step == end:
+            save_state(step, secs)
         bar.set_postfix(loss=f"{last['loss']:.3f}")
         bar.update(1)
     bar.close()
