@@ -173,7 +173,10 @@ def test_spam_both_methods_end_to_end(small_gguf, sms_file):
     assert a["confusion"]["tp"] + a["confusion"]["fn"] == 2 and 0 <= a["f1"] <= 1
     # spam and ham are lexically far apart: even a random model's mean-pooled features separate
     # messages it never saw in training (no copies across the split after deduplication)
-    assert r["linear_probe"]["accuracy"] >= 0.75
+    # and better than either constant answer (6 ham + 2 spam: "always ham" scores 0.75): it must
+    # catch a spam message and keep most ham
+    c = r["linear_probe"]["confusion"]
+    assert c["tp"] >= 1 and c["tn"] >= 5, c
     res = CliRunner().invoke(main, ["eval", "spam", str(small_gguf), "--data", str(sms_file), "--quiet",
                                     "--threads", "1", "--split", "balanced", "--limit", "4"])
     assert res.exit_code == 0, res.output

@@ -134,15 +134,26 @@ def test_bad_hessians_are_one_line_naming_the_tensor():
         GptqOptions(damp=-1)
 
 
-def test_dead_columns_carry_no_error():
-    """A column no calibration token reached (H_jj = 0) is stored as its block rounds it; the
-    others are quantized as if it were absent."""
+@pytest.mark.parametrize("name", ["q4_k", "tq2_0"])
+def test_dead_columns_carry_no_error(name):
+    """A column no calibration token reached (H_jj = 0) is zeroed before quantizing (gptq.py):
+    whatever it held cannot move the grids or the other columns, and it is stored as the grid's
+    value nearest 0."""
     rng = np.random.default_rng(2)
     w, h = _layer(rng, rows=8, cols=256, n=1024)
     h[:, 7] = h[7, :] = 0
-    T = get_quant_type("q4_k")
+    T = get_quant_type(name)
     q = T.dequantize(gptq_quantize(w, h, T, name="t").encoded, w.shape)
-    assert np.isfinite(q).all()
+    other = w.copy()
+    other[:, 7] = rng.normal(0, 5.0, 8)  # far larger than any live weight
+    q2 = T.dequantize(gptq_quantize(other, h, T, name="t").encoded, w.shape)
+    assert np.array_equal(q, q2)
+    if T.is_ternary:
+        assert not q[:, 7].any()  # code 0
+    else:  # within half a grid step of 0: the step divides the gaps between the sub-block's values
+        for r in range(q.shape[0]):
+            gaps = np.diff(np.unique(q[r, :32]))
+            assert abs(q[r, 7]) <= gaps[gaps > 0].min() / 2 * (1 + 1e-5), r
 
 
 def _llama_logits(path, tokens):

@@ -112,7 +112,7 @@ def gptq_quantize(w: np.ndarray, hessian: np.ndarray, qtype: type[QuantType], *,
     scale = None
     if qtype.is_ternary:
         fit_weight = importance if importance is not None else np.maximum(np.diag(hessian), 0) + 1e-12
-        scale = ternary_scale(np.asarray(w, np.float32), ternary_scale_mode, fit_weight)
+        scale = ternary_scale(W, ternary_scale_mode, fit_weight)  # dead columns already zeroed
 
     def grid_of(g: int, x: np.ndarray) -> Grid:
         imp = None if importance is None else importance[g * bs : (g + 1) * bs]
