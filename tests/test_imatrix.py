@@ -101,8 +101,10 @@ def test_imatrix_formats_round_trip_and_read_a_hand_written_legacy_file(tmp_path
 
 
 def test_collected_statistic_equals_layernormed_hidden_states(checkpoints, calib_file, tmp_path):
-    """attn_qkv's input is ln_1 of the block's input hidden state: sum of squares per column over
-    whole windows, recomputed from transformers' output_hidden_states (not through our hooks)."""
+    """The inputs of all four linear weights, recomputed by hand from transformers'
+    output_hidden_states and the block's weights (not through our hooks): attn_qkv sees ln_1(h),
+    attn_output the merged heads of causal softmax(q k^T / sqrt(d)) v, ffn_up ln_2 of the
+    residual after attention, ffn_down gelu_new of ffn_up's output; sum of squares per column."""
     import torch
 
     from gpt2cube.hypercube.calibrate import calibration_tokens
@@ -121,9 +123,26 @@ def test_collected_statistic_equals_layernormed_hidden_states(checkpoints, calib
     with torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states
         for i in range(2):
-            a = model.transformer.h[i].ln_1(hs[i]).double().reshape(-1, 256)
-            np.testing.assert_allclose(im.sums[f"blk.{i}.attn_qkv.weight"], (a * a).sum(0).numpy(), rtol=1e-5)
-            assert im.counts[f"blk.{i}.attn_qkv.weight"] == 256
+            blk = model.transformer.h[i]
+            n_head = model.config.n_head
+            x1 = blk.ln_1(hs[i])
+            qkv = x1 @ blk.attn.c_attn.weight + blk.attn.c_attn.bias
+            q, k, v = (t.reshape(4, 64, n_head, -1).transpose(1, 2) for t in qkv.split(256, dim=-1))
+            att = q @ k.transpose(-1, -2) / np.sqrt(q.shape[-1])
+            att = att.masked_fill(torch.triu(torch.ones(64, 64, dtype=torch.bool), 1), float("-inf")).softmax(-1)
+            merged = (att @ v).transpose(1, 2).reshape(4, 64, 256)
+            h2 = hs[i] + merged @ blk.attn.c_proj.weight + blk.attn.c_proj.bias
+            x2 = blk.ln_2(h2)
+            u = x2 @ blk.mlp.c_fc.weight + blk.mlp.c_fc.bias
+            g = 0.5 * u * (1 + torch.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))  # gelu_new
+            out_i = h2 + g @ blk.mlp.c_proj.weight + blk.mlp.c_proj.bias
+            if i + 1 < 2:  # the hand-made block is the model's block
+                torch.testing.assert_close(out_i, hs[i + 1], rtol=1e-4, atol=1e-4)
+            for name, a in (("attn_qkv", x1), ("attn_output", merged), ("ffn_up", x2), ("ffn_down", g)):
+                a = a.double().reshape(256, -1)
+                np.testing.assert_allclose(im.sums[f"blk.{i}.{name}.weight"], (a * a).sum(0).numpy(), rtol=1e-4,
+                                           atol=1e-6 * float((a * a).sum(0).max()), err_msg=f"blk.{i}.{name}")
+                assert im.counts[f"blk.{i}.{name}.weight"] == 256
     assert im.sums["blk.0.ffn_down.weight"].shape == (1024,)
 
 
