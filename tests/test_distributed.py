@@ -264,3 +264,40 @@ def test_fsdp_with_qat_is_refused(data, tmp_path):
     r = _gpt2cube(_ft_args(data, out, *extra, "--qat", "tq2_0", "--fsdp"), 2)
     _one_line_error(r, "--fsdp with --qat tq2_0")
     assert not out.exists()
+
+
+def _torchrun_env(monkeypatch, rank: int, local_rank: int, size: int = 2) -> None:
+    for k, v in dict(RANK=rank, WORLD_SIZE=size, LOCAL_RANK=local_rank, MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT="29500").items():
+        monkeypatch.setenv(k, str(v))
+
+
+def test_cuda_join_sets_the_rank_gpu_before_the_group(monkeypatch):
+    """Without GPUs here, torch's calls are stand-ins that record the order: each rank owns
+    cuda:LOCAL_RANK before init_process_group, which is told the device (device_id), so the checks
+    agreed on before training never meet with every rank on cuda:0."""
+    import torch
+    import torch.distributed as dist
+
+    from gpt2cube.errors import InputError
+    from gpt2cube.loop.world import join
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend, kw)))
+    _torchrun_env(monkeypatch, rank=1, local_rank=1)
+    world = join("cuda", 60.0)
+    assert world.rank == 1 and world.distributed
+    assert calls[0] == ("set_device", 1)
+    assert calls[1][:2] == ("init", "nccl") and calls[1][2]["device_id"] == torch.device("cuda", 1)
+    calls.clear()
+    _torchrun_env(monkeypatch, rank=0, local_rank=0)
+    join("cpu", 60.0)  # gloo: no GPU named
+    assert calls == [("init", "gloo", {"timeout": calls[0][2]["timeout"]})]
+    calls.clear()
+    _torchrun_env(monkeypatch, rank=3, local_rank=3, size=4)
+    with pytest.raises(InputError, match="LOCAL_RANK 3: this machine has 2 CUDA devices"):
+        join("cuda", 60.0)
+    assert calls == []  # refused before joining any group

@@ -188,8 +188,21 @@ def _rng_states(world: World) -> tuple[list, list | None]:
     import torch
 
     cpu = gather(world, torch.get_rng_state())
-    cuda = gather(world, torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None
+    # each rank's own GPU only (the current device: cuda:LOCAL_RANK under torchrun)
+    cuda = gather(world, torch.cuda.get_rng_state()) if torch.cuda.is_available() else None
     return cpu, cuda
+
+
+def _restore_cuda_rng(state) -> None:
+    """This rank's GPU generator from a saved state: one tensor, or (runs saved before) the list of
+    every visible device's, of which the current device's entry is this rank's."""
+    import torch
+
+    if isinstance(state, (list, tuple)):
+        i = torch.cuda.current_device()
+        state = state[i] if i < len(state) else None
+    if state is not None:
+        torch.cuda.set_rng_state(state)
 
 
 class _Terminated(SystemExit):
@@ -304,7 +317,7 @@ def _run(job: Job, cfg: LoopConfig, world: World, device: str, saved: dict | Non
             torch.set_rng_state(ranks[world.rank])
             cuda = saved.get("cuda_rng_ranks") or [saved.get("cuda_rng")]
             if len(cuda) == world.size and cuda[world.rank] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(cuda[world.rank])
+                _restore_cuda_rng(cuda[world.rank])
 
     out = cfg.out
     log_path = out / "train_log.jsonl"

@@ -59,21 +59,29 @@ def current() -> World:
     return World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]), True)
 
 
+def _own_gpu(world: World) -> None:
+    """Bind this rank to cuda:LOCAL_RANK (before any collective: NCCL needs each rank on its own GPU)."""
+    import torch
+
+    if world.local_rank >= torch.cuda.device_count():
+        raise InputError(f"LOCAL_RANK {world.local_rank}: this machine has {torch.cuda.device_count()} CUDA "
+                         "devices; expected --nproc-per-node at most that")
+    torch.cuda.set_device(world.local_rank)
+
+
 def device_for(world: World, device: str) -> str:
     """The device of this rank: `cuda` becomes cuda:LOCAL_RANK under torchrun."""
     if world.distributed and device == "cuda":
-        import torch
-
-        if world.local_rank >= torch.cuda.device_count():
-            raise InputError(f"LOCAL_RANK {world.local_rank}: this machine has {torch.cuda.device_count()} CUDA "
-                             "devices; expected --nproc-per-node at most that")
-        torch.cuda.set_device(world.local_rank)
+        _own_gpu(world)
         return f"cuda:{world.local_rank}"
     return device
 
 
 def join(device: str, timeout_s: float) -> World:
-    """This process's World; under torchrun, after joining the process group (idempotent)."""
+    """This process's World; under torchrun, after joining the process group (idempotent). On
+    CUDA the rank's GPU is set first and named to the group (`device_id`, torchtitan's order), so
+    that the checks agreed on before training already run each rank on its own GPU: with every
+    rank on cuda:0, NCCL's first collective fails as a duplicate GPU or hangs."""
     world = current()
     if world.distributed:
         import torch.distributed as dist
@@ -81,8 +89,14 @@ def join(device: str, timeout_s: float) -> World:
         if not timeout_s > 0:
             raise InputError(f"--dist-timeout {timeout_s}; expected a positive number of seconds")
         if not dist.is_initialized():
+            kw = {}
+            if device.startswith("cuda"):
+                import torch
+
+                _own_gpu(world)
+                kw["device_id"] = torch.device("cuda", world.local_rank)
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
-                                    timeout=timedelta(seconds=timeout_s))
+                                    timeout=timedelta(seconds=timeout_s), **kw)
     return world
 
 
