@@ -55,9 +55,10 @@ def test_q4_k_codes_are_the_rounding_of_its_stored_scales():
     """A per-block re-derivation from the bytes, sharing no code with the quantizer: unpack d,
     dmin and the 6-bit scales and mins by ggml's layout (get_scale_min_k4), then every 4-bit code
     must be clip(round((x + dmin m) / (d sc)), 0, 15) of the input; and the chosen scales must beat
-    the trivial ones (min/max of each sub-block) in squared error."""
+    the trivial ones (min/max of each sub-block) in squared error over the tensor."""
     x = _random((4, 512), seed=11, scale=0.05)
     data = get_quant_type("q4_k").quantize(x).reshape(-1, 144)
+    total = total_trivial = 0.0
     for b, block in enumerate(data):
         xb = x.reshape(-1, 256)[b]
         d = float(np.frombuffer(block[0:2].tobytes(), np.float16)[0])
@@ -84,7 +85,14 @@ def test_q4_k_codes_are_the_rounding_of_its_stored_scales():
             lo, hi = seg.min(), seg.max()
             triv = (hi - min(lo, 0)) / 15
             tq = np.clip(np.rint((seg - min(lo, 0)) / triv), 0, 15) if triv > 0 else np.zeros(32)
-            assert err <= np.sum((triv * tq + min(lo, 0) - seg) ** 2) * 1.5 + 1e-12, (b, j)
+            trivial = np.sum((triv * tq + min(lo, 0) - seg) ** 2)
+            # per sub-block within 10 %: the stored scale is a 6-bit multiple of a float16 d, the
+            # trivial one exact (measured at most 1.023x on this input)
+            assert err <= trivial * 1.10 + 1e-12, (b, j)
+            total += err
+            total_trivial += trivial
+    # the search must win overall (measured 0.823x; scales min/max alone give about 1.0x)
+    assert total <= 0.9 * total_trivial, total / total_trivial
 
 
 @pytest.mark.parametrize("name", GGUF_PY_QUANTIZES)

@@ -69,7 +69,9 @@ def test_learned_router_keeps_more_mass_than_pca(checkpoints, calib_file):
     for layer, (cal_l, cal_p) in enumerate(zip(calibrate(model, tokens, 2, method="learned").layers,
                                                calibrate(model, tokens, 2, method="pca").layers)):
         c = contributions(acts[layer], model.transformer.h[layer].mlp.c_proj.weight.detach().numpy())
-        assert covered_share(xs[layer], c, cal_l, cube, 1) >= covered_share(xs[layer], c, cal_p, cube, 1) - 1e-6
+        got, base = covered_share(xs[layer], c, cal_l, cube, 1), covered_share(xs[layer], c, cal_p, cube, 1)
+        # measured 0.830 vs 0.774 and 0.863 vs 0.769: a learner that kept PCA's split would fail
+        assert got >= base + 0.02, (layer, got, base)
 
 
 def test_file_records_the_router_and_old_files_read_as_pca(checkpoints, calib_file, tmp_path):

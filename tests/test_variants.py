@@ -26,13 +26,16 @@ from gpt2cube.converter import convert
 from gpt2cube.errors import CorruptCheckpoint, InputError, ShapeMismatch, UnsupportedArchitecture
 from gpt2cube.eval.llama_runner import llama_logits
 from gpt2cube.gguf_file import field_value, read_gguf
-from gpt2cube.models import hf_logits, load_hf_model
+from gpt2cube.models import dequantized_model, hf_logits, load_hf_model
 from gpt2cube.synth import make_random_variant
 from gpt2cube.variants.model import VariantConfig, VariantLM
 from gpt2cube.variants.spec import POSITIONS, VariantSpec, alibi_slopes, llama_target
 
 F32_TOLERANCE = 0.006
 Q8_TOLERANCE = 0.4  # as test_convert_llama.py's q8_0
+# llama.cpp against torch on the same ternary values: only activation rounding differs (q8_K
+# inputs to the TQ matmuls, q8 inputs to the q6_k head): test_finetune.py's bound
+TERNARY_TOLERANCE = 0.25
 
 # name -> (spec, n_embd, n_head, tied, expected llama.cpp architecture)
 CONVERTIBLE = {
@@ -130,7 +133,10 @@ def test_quantized_variants_run_in_llama_cpp(variant_files, prompt_tokens, tmp_p
         assert _err(llama_logits(out, prompt_tokens), hf_logits(model, prompt_tokens)) <= Q8_TOLERANCE
         ternary = tmp_path / f"{name}-tq2_0.gguf"
         convert(src, ternary, "tq2_0", progress=False)
-        assert np.isfinite(llama_logits(ternary, prompt_tokens)).all()
+        # against the variant model holding the file's own (dequantized) weights
+        ref = hf_logits(dequantized_model(ternary, src), prompt_tokens)
+        err = _err(llama_logits(ternary, prompt_tokens), ref)
+        assert err <= TERNARY_TOLERANCE, (name, err)
 
 
 def test_learned_positions_equal_transformers_gpt2(checkpoints, prompt_tokens):
@@ -600,6 +606,7 @@ def _train(corpus, out, *extra):
                                   ["--attention", "linformer", "--linformer-block", "8", "--linformer-k", "2"]],
                          ids=lambda a: "-".join(x.strip("-") for x in a))
 def test_train_resume_and_score_a_variant(corpus, tmp_path, args):
+    args = [*args, "--warmup-steps", "1", "--lr", "3e-3"]  # 6 steps at a rate that learns
     out = tmp_path / "run"
     r = _train(corpus, out, *args, "--stop-at", "3")
     assert r.exit_code == 0, r.output
@@ -614,10 +621,12 @@ def test_train_resume_and_score_a_variant(corpus, tmp_path, args):
                                   "--quiet", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output)[0]
-    # better than uniform after 24 steps, except duo-predict with the seed's alignment, whose real
-    # tokens are trained to predict themselves: its next-token path is scored, finite but worse
-    bound = math.inf if "original" in args else 50257
-    assert res["engine"] == "pytorch" and 1 < res["ppl"] < bound
+    # learnt: the held-out PPL well below the first step's training loss (the untrained model),
+    # except duo-predict with the seed's alignment, whose real tokens are trained to predict
+    # themselves: its next-token path is scored, finite but worse
+    first = json.loads((out / "train_log.jsonl").read_text().splitlines()[0])["loss"]
+    bound = math.inf if "original" in args else 0.5 * math.exp(first)
+    assert res["engine"] == "pytorch" and 1 < res["ppl"] < bound, (res["ppl"], math.exp(first))
     r = _train(corpus, out, "--pos", "alibi", "--resume")
     assert r.exit_code == 2 and "variant" in r.output
 
