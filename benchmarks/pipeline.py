@@ -5,7 +5,7 @@ conversion's peak memory.
 
     python benchmarks/pipeline.py [--shape reference|124m] [--model DIR] [--stages NAME ...]
         [--dim 2] [--max-windows 40] [--repeats 3] [--n-prompt 128] [--n-gen 64] [--threads 2]
-        [--out DIR] [--no-speed]
+        [--out DIR] [--no-speed] [--no-ppl]
 
 Stages (--stages picks; default all):
   f16                  the baseline
@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("/tmp/gpt2cube-pipeline"))
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--no-ppl", action="store_true", help="speed, size and conversion only (no perplexities)")
     args = ap.parse_args()
     if not BOOKS.is_dir():
         sys.exit(f"{BOOKS}: not found; this benchmark needs ../shared/data (calibration and held-out books)")
@@ -95,7 +96,7 @@ def main() -> None:
         sys.exit(f"--stages {unknown[0]!r}; expected some of: {', '.join(all_stages)}")
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or (ROOT / "models" / "reference" if args.shape == "reference" else build_checkpoint(args.out))
-    score = args.shape == "reference" or args.model is not None
+    score = (args.shape == "reference" or args.model is not None) and not args.no_ppl
     calib = BOOKS / "pg11.txt"
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
 
@@ -153,7 +154,7 @@ def main() -> None:
         if base_ppl and r.get("ppl"):
             r["ppl_vs_f16"] = round(r["ppl"] / base_ppl, 4)
     meta = {"model": str(model), "shape": args.shape, "calibration": f"pg11, {CALIB_TOKENS} tokens",
-            "ppl_text": f"pg35 (held out), {args.max_windows} windows of 512" if score else "not scored (random weights)",
+            "ppl_text": f"pg35 (held out), {args.max_windows} windows of 512" if score else "not scored (--no-ppl, or random weights)",
             "speed": None if args.no_speed else f"pp{args.n_prompt} / tg{args.n_gen}, median of {args.repeats} "
             "interleaved rounds after a warm-up, llama.cpp dense and the routed engine on the same file",
             "convert": "one fresh `gpt2cube convert --recipe` process per stage: wall seconds and peak RSS, measured once",
