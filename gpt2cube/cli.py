@@ -259,6 +259,8 @@ def imatrix(src: Path, calib: Path, out: Path, calib_tokens: int, ctx: int | Non
         raise InputError(f"{src}: no such checkpoint directory or GGUF file")
     check_output(out, force, [calib] + ([src] if src.is_file() else []))
     im, summary = imatrix_of(src, calib, calib_tokens, ctx)
+    if "warning" in summary:
+        _log(f"warning: {summary['warning']}")
     im.write(out)
     click.echo(json.dumps({"output": str(out), **summary}))
 

@@ -260,6 +260,8 @@ def run_pipeline(src: Path, out: Path, p: Pipeline, *, calib: Path | None = None
                 info = {"kept_per_layer": r["kept_per_layer"], "n_ff": r["n_ff"]}
             elif name == "imatrix":
                 imatrix, info = imatrix_of(current, text, s.get("tokens", 65_536), ctx)
+                if "warning" in info:
+                    log(f"warning: {info['warning']}")
                 info = {"tokens": info["tokens"], "entries": info["entries"]}
             else:
                 result = _convert(current, out, p, text, tokens, ctx, imatrix, force, progress, log)

@@ -220,3 +220,14 @@ def test_imatrix_of_a_gguf_file_is_that_of_its_weights(checkpoints, calib_file, 
         a, b, c = (mats[k].importance(name) for k in ("ckpt", "f32", "q4"))
         np.testing.assert_allclose(b, a, rtol=1e-4)  # float32 reductions in another order only
         assert not np.allclose(c, a, rtol=1e-4) and np.isfinite(c).all() and (c > 0).all()
+
+
+def test_a_text_shorter_than_asked_is_said(checkpoints, calib_file, tmp_path):
+    src, _ = checkpoints["small"]
+    out = tmp_path / "m.imatrix.gguf"
+    r = _cli("imatrix", src, "--calib", calib_file, "-o", out, "--ctx", "64", "--calib-tokens", "1000000")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert f"fewer than the 1000000 asked; the importance matrix is of its {info['chunks']} whole windows of 64" \
+        in r.stderr
+    assert info["warning"] in r.stderr and out.is_file()

@@ -102,4 +102,7 @@ def imatrix_of(src: Path, calib: Path, n_tokens: int, ctx: int | None = None) ->
     im = collect(model, specs, tokens, ctx, str(calib))
     summary = {"source": str(src), "calib": str(calib), "calib_sha256": sha, "tokens": im.chunk_count * ctx,
                "chunks": im.chunk_count, "chunk_size": ctx, "entries": len(im.sums)}
+    if len(tokens) < n_tokens:  # the text ran out: say so, the statistic is of what there was
+        summary["warning"] = (f"{calib} has {len(tokens)} tokens, fewer than the {n_tokens} asked; the importance "
+                              f"matrix is of its {im.chunk_count} whole windows of {ctx}")
     return im, summary
