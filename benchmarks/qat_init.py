@@ -4,7 +4,7 @@ f16 model fine-tuned on the same tokens as the control.
 
     python benchmarks/qat_init.py [--workdir DIR] [--reference models/reference] [--type tq2_0]
         [--tokens 0 65536 262144 1048576 2097152] [--arms rtn gptq f16] [--calib-book pg11.txt]
-        [--calib-tokens 16384] [--max-windows 40] [--threads 2]
+        [--calib-tokens 16384] [--f16-tokens N ...] [--max-windows 40] [--threads 2]
 
 Every point is its own fine-tune (`finetune`'s LM defaults: lr 5e-4, 20 warm-up steps, cosine to
 10 % over that run's tokens, batch 8 x 512, embeddings frozen, seed 1234) on the 51 training books
@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--arms", nargs="+", default=["rtn", "gptq", "f16"], choices=["rtn", "gptq", "f16"])
     ap.add_argument("--calib-book", default="pg11.txt")
     ap.add_argument("--calib-tokens", type=int, default=16_384)
+    ap.add_argument("--f16-tokens", type=int, nargs="+", default=None,
+                    help="the control's points [default: --tokens]; fewer saves its fine-tunes")
     ap.add_argument("--max-windows", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -99,6 +101,8 @@ def main() -> None:
     shipped = ppl(SHIPPED) if SHIPPED.is_file() else None
     for tokens in sorted(args.tokens):
         for arm in args.arms:
+            if arm == "f16" and args.f16_tokens is not None and tokens not in args.f16_tokens:
+                continue
             t0 = time.perf_counter()
             f, summary = (start_file(arm), None) if tokens == 0 else trained_file(arm, tokens)
             rows.append({"arm": arm, "tokens": summary["tokens"] if summary else 0, "ppl_pg35": ppl(f),
