@@ -40,7 +40,8 @@ def _imports(folder: str) -> dict[str, str]:
                 continue
             for n in names:
                 top = n.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in LOCAL:
+                sibling = (f.parent / f"{top}.py").is_file()  # a script beside it (benchmarks/recovery.py)
+                if top not in sys.stdlib_module_names and top not in LOCAL and not sibling:
                     found.setdefault(top, str(f.relative_to(ROOT)))
     return found
 
