@@ -206,24 +206,17 @@ def plot(rows: list[dict], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [r for r in rows if r.get("ppl")]
+    scored = any(r.get("ppl") for r in rows)  # else an unscored shape: speed against size
+    key, ylabel = ("ppl", "PPL pg35 (held out)") if scored else ("tg_tok_s", "tg tokens/s")
     fig, ax = plt.subplots(figsize=(8, 5))
-    if pts:
-        for r in pts:
-            label = r["stage"] + ("" if r["engine"] == "llama.cpp" else f" routed r={r['radius']}")
-            ax.scatter(r["file_mb"], r["ppl"], marker="o" if r["engine"] == "llama.cpp" else "x")
-            ax.annotate(label, (r["file_mb"], r["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("file MB")
-        ax.set_ylabel("PPL pg35 (held out)")
+    for r in (r for r in rows if r.get(key)):
+        label = r["stage"] + ("" if r["engine"] == "llama.cpp" else f" routed r={r['radius']}")
+        ax.scatter(r["file_mb"], r[key], marker="o" if r["engine"] == "llama.cpp" else "x")
+        ax.annotate(label, (r["file_mb"], r[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("file MB")
+    ax.set_ylabel(ylabel)
+    if scored:
         ax.set_yscale("log")
-    else:  # unscored shape: speed against size
-        sp = [r for r in rows if "tg_tok_s" in r]
-        for r in sp:
-            label = r["stage"] + ("" if r["engine"] == "llama.cpp" else f" routed r={r['radius']}")
-            ax.scatter(r["file_mb"], r["tg_tok_s"], marker="o" if r["engine"] == "llama.cpp" else "x")
-            ax.annotate(label, (r["file_mb"], r["tg_tok_s"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("file MB")
-        ax.set_ylabel("tg tokens/s")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
